@@ -1,0 +1,1 @@
+"""The attestation daemon (arrives with its own issue)."""

@@ -1,0 +1,5 @@
+import sys
+
+from confinfer.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""The ``confinfer`` command.
+
+Subcommands are contributed through the ``confinfer.commands`` entry-point group: each entry
+point names a ``register(subparsers)`` function that adds one subparser and sets
+``func=callable(args) -> int`` on it. That keeps this core package free of imports of
+``loader`` and ``attestd``.
+
+Every expected failure (:class:`~confinfer.errors.ConfinferError`) ends as one line on stderr
+and a non-zero exit; a traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from types import FrameType
+
+from confinfer import __version__, log
+from confinfer.errors import ConfinferError, Interrupted
+
+LOG = logging.getLogger("confinfer")
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="confinfer",
+        description="Confidential LLM inference: seal models, attest, release keys, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"confinfer {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="verbose logs and tracebacks on failure"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for ep in sorted(entry_points(group="confinfer.commands"), key=lambda e: e.name):
+        register: Register = ep.load()
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log.setup(debug=args.debug)
+    # SIGTERM and SIGINT unwind through the normal error path so that every command's
+    # cleanup (wiping partial plaintext, zeroing keys) runs.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    try:
+        code: int = args.func(args)
+    except ConfinferError as exc:
+        if args.debug:
+            LOG.exception("failed")
+        print(f"confinfer: {exc.one_line()}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Configuration: one frozen, typed dataclass.
+
+Sources, lowest precedence first: built-in defaults, ``/etc/confinfer/*.toml`` (files read in
+name order; keys at top level), ``CONFINFER_<KEY>`` environment variables (what
+``testbed.env`` sets), then command-line flags applied by the caller with :func:`override`.
+Every value is validated at load; errors name the file (or variable), the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from confinfer.errors import ConfigError
+
+CONFIG_DIR = Path("/etc/confinfer")
+ENV_PREFIX = "CONFINFER_"
+
+SKR_ALGORITHMS = ("RSA_AES_KEY_WRAP_256", "CKM_RSA_AES_KEY_WRAP", "RSA_AES_KEY_WRAP_384")
+
+
+@dataclass(frozen=True)
+class Config:
+    # Attestation (MAA)
+    maa_url: str = "https://sharedeus.eus.attest.azure.net"
+    # Issuers whose tokens we accept; empty means "exactly maa_url".
+    maa_allowed_issuers: tuple[str, ...] = ()
+    # Key Vault
+    keyvault_url: str | None = None
+    key_id: str | None = None
+    skr_algorithm: str = "RSA_AES_KEY_WRAP_256"
+    # The Azure SDK checks that a vault's challenge names a resource the host belongs to.
+    # Only a local emulator on an IP address needs this off.
+    keyvault_verify_challenge_resource: bool = True
+    managed_identity_client_id: str | None = None
+    # TLS trust for MAA and Key Vault; None means the system store.
+    ca_bundle: Path | None = None
+    # vTPM
+    tpm_tcti: str = "device:/dev/tpmrm0"
+    # GPU
+    nvml_library: str = "libnvidia-ml.so.1"
+    # Retries against remote services
+    http_timeout_s: float = 30.0
+    max_retries: int = 4
+    # Upper bound on what one unseal may write.
+    max_bytes: int | None = None
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def issuers(self) -> tuple[str, ...]:
+        return self.maa_allowed_issuers or (self.maa_url.rstrip("/"),)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "sources"}
+
+
+def _coerce(name: str, raw: Any, origin: str) -> Any:
+    """Turn a TOML value or an environment string into the field's type, or raise."""
+    kind = str(_FIELDS[name].type)
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(
+            f"{origin}: key {name!r} = {raw!r}: {why}", reason="config-invalid"
+        )
+
+    if "bool" in kind:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no",
+                                                     "off"):
+            return raw.lower() in ("1", "true", "yes", "on")
+        raise bad("expected a boolean")
+    if "tuple" in kind:
+        if isinstance(raw, str):
+            items = [s.strip() for s in raw.split(",") if s.strip()]
+        elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+            items = list(raw)
+        else:
+            raise bad("expected a list of strings")
+        return tuple(s.rstrip("/") for s in items)
+    if "int" in kind and "Path" not in kind:
+        if isinstance(raw, bool):
+            raise bad("expected an integer")
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise bad("expected an integer") from None
+        if value < 0:
+            raise bad("must not be negative")
+        return value
+    if "float" in kind:
+        try:
+            value_f = float(raw)
+        except (TypeError, ValueError):
+            raise bad("expected a number") from None
+        if value_f <= 0:
+            raise bad("must be positive")
+        return value_f
+    if not isinstance(raw, str):
+        raise bad("expected a string")
+    if raw == "" and "None" in kind:
+        return None
+    if "Path" in kind:
+        return Path(raw)
+    return raw
+
+
+def _validate(cfg: Config) -> None:
+    def origin(key: str) -> str:
+        return cfg.sources.get(key, "default")
+
+    for key in ("maa_url", "keyvault_url", "key_id", *()):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        url = urlparse(value)
+        if url.scheme != "https" or not url.netloc:
+            raise ConfigError(
+                f"{origin(key)}: key {key!r} = {value!r}: expected an https:// URL",
+                reason="config-invalid",
+            )
+    for issuer in cfg.maa_allowed_issuers:
+        if not issuer.startswith("https://"):
+            raise ConfigError(
+                f"{origin('maa_allowed_issuers')}: key 'maa_allowed_issuers' = {issuer!r}: "
+                "expected https:// URLs",
+                reason="config-invalid",
+            )
+    if cfg.skr_algorithm not in SKR_ALGORITHMS:
+        raise ConfigError(
+            f"{origin('skr_algorithm')}: key 'skr_algorithm' = {cfg.skr_algorithm!r}: "
+            f"expected one of {', '.join(SKR_ALGORITHMS)}",
+            reason="config-invalid",
+        )
+    if cfg.ca_bundle is not None and not cfg.ca_bundle.is_file():
+        raise ConfigError(
+            f"{origin('ca_bundle')}: key 'ca_bundle' = '{cfg.ca_bundle}': no such file",
+            reason="config-invalid",
+        )
+
+
+def load(
+    config_dir: Path = CONFIG_DIR, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate the configuration."""
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if config_dir.is_dir():
+        for path in sorted(config_dir.glob("*.toml")):
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+                raise ConfigError(f"{path}: cannot parse: {exc}", reason="config-invalid") from None
+            for key, raw in data.items():
+                if key not in _FIELDS:
+                    raise ConfigError(f"{path}: unknown key {key!r}", reason="config-invalid")
+                values[key] = _coerce(key, raw, str(path))
+                sources[key] = str(path)
+    for key in _FIELDS:
+        var = ENV_PREFIX + key.upper()
+        if var in env:
+            values[key] = _coerce(key, env[var], f"${var}")
+            sources[key] = f"${var}"
+    cfg = Config(**values, sources=sources)
+    _validate(cfg)
+    return cfg
+
+
+def override(cfg: Config, **flags: Any) -> Config:
+    """Apply command-line flags (None means 'not given') and validate again."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    for key in given:
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown configuration key {key!r}", reason="config-invalid")
+    sources = dict(cfg.sources)
+    sources.update({k: f"--{k.replace('_', '-')}" for k in given})
+    new = dataclasses.replace(cfg, **given, sources=sources)
+    _validate(new)
+    return new
