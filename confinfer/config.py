@@ -39,6 +39,11 @@ class Config:
     # Only a local emulator on an IP address needs this off.
     keyvault_verify_challenge_resource: bool = True
     managed_identity_client_id: str | None = None
+    # Instance metadata service (managed-identity tokens, the VCEK chain). When unset, the
+    # redirect azure-identity honours (AZURE_POD_IDENTITY_AUTHORITY_HOST) or Azure's address.
+    imds_url: str | None = None
+    # An installed AzureAttestSKR binary, for the compatibility key-release backend.
+    skr_tool: Path | None = None
     # TLS trust for MAA and Key Vault; None means the system store.
     ca_bundle: Path | None = None
     # vTPM
@@ -51,6 +56,10 @@ class Config:
     # Upper bound on what one unseal may write.
     max_bytes: int | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def imds(self) -> str:
+        return (self.imds_url or "http://169.254.169.254").rstrip("/")
 
     @property
     def issuers(self) -> tuple[str, ...]:
@@ -115,7 +124,7 @@ def _validate(cfg: Config) -> None:
     def origin(key: str) -> str:
         return cfg.sources.get(key, "default")
 
-    for key in ("maa_url", "keyvault_url", "key_id", *()):
+    for key in ("maa_url", "keyvault_url", "key_id"):
         value = getattr(cfg, key)
         if value is None:
             continue
@@ -132,6 +141,11 @@ def _validate(cfg: Config) -> None:
                 "expected https:// URLs",
                 reason="config-invalid",
             )
+    if cfg.imds_url is not None and not cfg.imds_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{origin('imds_url')}: key 'imds_url' = {cfg.imds_url!r}: expected an http(s):// URL",
+            reason="config-invalid",
+        )
     if cfg.skr_algorithm not in SKR_ALGORITHMS:
         raise ConfigError(
             f"{origin('skr_algorithm')}: key 'skr_algorithm' = {cfg.skr_algorithm!r}: "
@@ -168,6 +182,9 @@ def load(
         if var in env:
             values[key] = _coerce(key, env[var], f"${var}")
             sources[key] = f"${var}"
+    if "imds_url" not in values and env.get("AZURE_POD_IDENTITY_AUTHORITY_HOST"):
+        values["imds_url"] = env["AZURE_POD_IDENTITY_AUTHORITY_HOST"]
+        sources["imds_url"] = "$AZURE_POD_IDENTITY_AUTHORITY_HOST"
     cfg = Config(**values, sources=sources)
     _validate(cfg)
     return cfg
