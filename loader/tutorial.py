@@ -1,0 +1,266 @@
+"""The seed tutorial's package layout, read as an unseal input.
+
+The tutorial's ``encrypt_model.py`` tars the model directory and encrypts the whole tar as one
+AES-256-GCM stream, ``model_archive.tar.enc`` = ``[12-byte nonce][ciphertext][16-byte tag]``
+(no associated data), and stores the DEK wrapped RSA-OAEP-256 by the Key Vault KEK, raw bytes, in
+``wrapped_model_dek.bin``.
+
+Unlike the tutorial's own reader, this one never holds the archive in memory and never trusts the
+tar: a second thread reads and decrypts the ciphertext into a fixed ring of preallocated buffers,
+and each chunk is pushed through :class:`loader.tarstream.TarExtractor`, which writes only regular
+files and directories inside the destination. One tag covers the whole archive, so entries are
+written before they are authenticated; the destination is kept only once the tag has verified,
+and any failure wipes it.
+
+When the tar content is refused, the rest of the archive is still decrypted (nothing more is
+written) so that the failure is reported for what it is: a bad tag (tampering, a wrong key) as
+``integrity``, and only an authentic archive's hostile content as the tar reader's reason.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from confinfer.errors import (
+    ConfinferError,
+    FormatError,
+    IntegrityError,
+    KeyUnwrapError,
+    SizeLimitError,
+    UnsafeArchiveError,
+    UsageError,
+)
+from loader import signals
+from loader.aead import OUT_SLACK, GcmStreamDecryptor
+from loader.dest import Destination
+from loader.tarstream import TarExtractor
+
+ARCHIVE_NAME = "model_archive.tar.enc"
+WRAPPED_DEK_NAME = "wrapped_model_dek.bin"
+NONCE_LEN = 12
+TAG_LEN = 16
+DEK_LEN = 32
+# Ciphertext read and decrypted per step. Large enough that per-chunk Python overhead vanishes
+# next to the copy; DEPTH such chunks are decrypted ahead of the writer. Together they stay far
+# below the loader's memory budget.
+CHUNK = 2 << 20
+DEPTH = 4
+# What the tar content can be refused for (as opposed to the environment failing).
+_REFUSALS = (UnsafeArchiveError, FormatError, SizeLimitError)
+# RSA-OAEP output is the modulus size: 512 bytes for RSA-4096, the largest Key Vault key.
+_MAX_WRAPPED_DEK = 1024
+
+
+@dataclass(frozen=True)
+class TutorialPackage:
+    """A package directory in the tutorial's layout."""
+
+    archive: Path
+    wrapped_dek: Path
+
+    def read_wrapped_dek(self) -> bytes:
+        """The RSA-OAEP-256-wrapped DEK, exactly as the tutorial wrote it (raw bytes)."""
+        try:
+            with self.wrapped_dek.open("rb") as f:
+                blob = f.read(_MAX_WRAPPED_DEK + 1)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read {self.wrapped_dek}: {exc.strerror}", reason="package-unreadable"
+            ) from exc
+        if not blob or len(blob) > _MAX_WRAPPED_DEK:
+            raise KeyUnwrapError(
+                f"{self.wrapped_dek} is {'empty' if not blob else 'too large'}; expected an "
+                "RSA-OAEP-wrapped 32-byte key",
+                reason="wrapped-dek-invalid",
+            )
+        return blob
+
+
+def detect(pkg_dir: Path) -> TutorialPackage | None:
+    """The tutorial layout in ``pkg_dir``, or None when it does not hold one."""
+    archive, wrapped = pkg_dir / ARCHIVE_NAME, pkg_dir / WRAPPED_DEK_NAME
+    if archive.is_file() and wrapped.is_file():
+        return TutorialPackage(archive=archive, wrapped_dek=wrapped)
+    return None
+
+
+def unseal_tutorial(
+    archive: Path,
+    dest: Destination,
+    dek: bytearray,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Decrypt ``archive`` and extract its tar into ``dest``, or leave ``dest`` empty.
+
+    ``progress`` is called with the number of archive bytes consumed by each step (they add up
+    to the file's size once the whole archive has been read and verified). On return
+    the whole archive has authenticated and every entry is in ``dest``; the caller commits it.
+    On any exception (a bad tag, refused tar content, the size cap, a full disk, a signal)
+    ``dest`` has been wiped.
+    """
+    try:
+        if len(dek) != DEK_LEN:
+            raise KeyUnwrapError(
+                f"the unwrapped model key is {len(dek)} bytes; AES-256 needs {DEK_LEN}",
+                reason="dek-length",
+            )
+        _extract(archive, dest, dek, progress)
+    except BaseException:
+        dest.wipe()
+        raise
+
+
+def _extract(
+    archive: Path,
+    dest: Destination,
+    dek: bytearray,
+    progress: Callable[[int], None] | None,
+) -> None:
+    try:
+        f = archive.open("rb", buffering=0)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot open {archive}: {exc.strerror}", reason="package-unreadable"
+        ) from exc
+    with f:
+        fd = f.fileno()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"{archive} is not a regular file", reason="package-unreadable")
+        size = info.st_size
+        if size < NONCE_LEN + TAG_LEN:
+            raise IntegrityError(
+                f"{archive.name} is {size} bytes, shorter than its {NONCE_LEN}-byte nonce "
+                f"and {TAG_LEN}-byte tag",
+                reason="archive-too-short",
+            )
+        nonce = _read_at(fd, NONCE_LEN, 0)
+        tag = _read_at(fd, TAG_LEN, size - TAG_LEN)
+        if progress is not None:
+            progress(NONCE_LEN)
+
+        extractor = TarExtractor(dest)
+        reader = _DecryptAhead(fd, NONCE_LEN, size - NONCE_LEN - TAG_LEN,
+                               GcmStreamDecryptor(dek, nonce), tag)  # fmt: skip
+        refused: ConfinferError | None = None
+        try:
+            for plaintext, consumed in reader.chunks():
+                if refused is None:
+                    try:
+                        extractor.feed(plaintext)
+                    except _REFUSALS as exc:
+                        # Keep decrypting (writing nothing) to learn whether the archive is
+                        # authentic; drop the unauthenticated plaintext written so far now.
+                        refused = exc
+                        extractor.abort()
+                        dest.wipe()
+                plaintext.release()
+                reader.recycle()
+                if progress is not None:
+                    progress(consumed)
+            # chunks() ends only once the tag has verified.
+            if refused is not None:
+                raise refused
+            extractor.close()
+            if progress is not None:
+                progress(TAG_LEN)
+        finally:
+            with signals.deferred():  # a second signal must not cut the clean-up short
+                extractor.abort()
+                reader.stop()
+
+
+class _DecryptAhead:
+    """Reads and decrypts the ciphertext on a second thread, a few chunks ahead of the writer.
+
+    ``pread`` and AES-GCM release the GIL, so reading and decrypting overlap with the
+    extractor's ``os.write`` calls. Memory is a fixed ring of :data:`DEPTH` plaintext buffers
+    plus one ciphertext buffer, whatever the archive's size.
+    """
+
+    def __init__(
+        self, fd: int, offset: int, length: int, decryptor: GcmStreamDecryptor, tag: bytes
+    ) -> None:
+        self._fd, self._offset, self._length = fd, offset, length
+        self._decryptor, self._tag = decryptor, tag
+        self._buffers = [bytearray(CHUNK + OUT_SLACK) for _ in range(DEPTH)]
+        self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
+        self._full: queue.SimpleQueue[tuple[bytearray, int, int] | BaseException | None] = (
+            queue.SimpleQueue()
+        )
+        for buf in self._buffers:
+            self._free.put(buf)
+        self._current: bytearray | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tutorial-decrypt", daemon=True)
+
+    def chunks(self) -> Iterator[tuple[memoryview, int]]:
+        """(plaintext, archive bytes it came from) per chunk; call :meth:`recycle` after each.
+
+        Ends after the last chunk once the tag has verified; raises IntegrityError when it
+        does not, or whatever reading failed with.
+        """
+        self._thread.start()
+        while True:
+            item = self._full.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            buf, produced, consumed = item
+            self._current = buf
+            yield memoryview(buf)[:produced], consumed
+
+    def recycle(self) -> None:
+        """Hand the buffer of the last chunk back to the reading thread."""
+        if self._current is not None:
+            self._free.put(self._current)
+            self._current = None
+
+    def stop(self) -> None:
+        """Stop the thread (if it still runs) and zero every buffer."""
+        self._stopping.set()
+        self._free.put(None)
+        if self._thread.is_alive():
+            self._thread.join()
+        for buf in self._buffers:
+            buf[:] = bytes(len(buf))
+
+    def _run(self) -> None:
+        inbuf = bytearray(CHUNK)
+        inview = memoryview(inbuf)
+        offset, remaining = self._offset, self._length
+        try:
+            while remaining:
+                buf = self._free.get()
+                if buf is None or self._stopping.is_set():
+                    return
+                got = os.preadv(self._fd, [inview[: min(CHUNK, remaining)]], offset)
+                if not got:
+                    raise IntegrityError(
+                        "the archive changed size while it was read", reason="archive-changed"
+                    )
+                produced = self._decryptor.update_into(inview[:got], buf)
+                offset += got
+                remaining -= got
+                self._full.put((buf, produced, got))
+            self._decryptor.finalize(self._tag)
+            self._full.put(None)
+        except BaseException as exc:  # handed to the consuming thread, which raises it
+            self._full.put(exc)
+        finally:
+            inview.release()
+            inbuf[:] = bytes(len(inbuf))
+
+
+def _read_at(fd: int, length: int, offset: int) -> bytes:
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise IntegrityError("the archive changed size while it was read", reason="archive-changed")
+    return data
