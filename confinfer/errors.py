@@ -108,3 +108,21 @@ class Interrupted(ConfinferError):
 
     reason = "interrupted"
     exit_code = 130
+
+
+class FormatError(ConfinferError):
+    """A package is not in a format we read, or its structure is malformed."""
+
+    reason = "format"
+
+
+class SizeLimitError(ConfinferError):
+    """Writing would exceed the configured size cap (``max_bytes``)."""
+
+    reason = "size-limit"
+
+
+class NoSpaceError(ConfinferError):
+    """The destination file system ran out of space (ENOSPC, EDQUOT)."""
+
+    reason = "no-space"

@@ -1,0 +1,184 @@
+"""Reading a sealed package: inspect its structure, or unseal it into a destination.
+
+Order of checks in :func:`unseal_package`, each before anything is written:
+
+1. magic and header length (``bad-magic``, ``unsupported-format``, ``header-invalid``,
+   ``truncated``); the header JSON, strictly typed (``header-invalid``);
+2. the key id against the one the operator named (``key-mismatch``), then the DEK from the
+   unwrapper (``key-mismatch``, ``key-unwrap``);
+3. the header tag (``header-integrity``): from here on the header is the owner's;
+4. the manifest (``unsafe-path``, ``duplicate-entry``, ``missing-parent``), the size cap
+   (``size-limit``), the package length (``truncated``, ``trailing-data``).
+
+Then chunks are decrypted in parallel; each is authenticated (``chunk-integrity``) before its
+plaintext is written. Any failure leaves the destination wiped (the caller's
+:class:`~loader.dest.Destination` context does it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from confinfer.errors import IntegrityError, KeyUnwrapError, UsageError
+from loader import format as fmt
+from loader.aead import ChunkCipher, derive_chunk_key, verify_header_tag
+from loader.dest import Destination
+from loader.keywrap import DekUnwrapper, key_ids_match, zero
+from loader.progress import Progress
+from loader.workers import OpenFiles, pwrite_all, run_chunks
+
+
+@dataclass
+class SealedPackage:
+    """An open ``model.sealed``: its descriptor, size and (not yet authenticated) header."""
+
+    path: Path
+    fd: int
+    file_size: int
+    header_bytes: bytes
+    header_tag: bytes
+    header: fmt.Header
+
+    @classmethod
+    def open(cls, pkg_dir: Path) -> SealedPackage:
+        path = pkg_dir / fmt.PACKAGE_FILE
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot open {path}: {exc.strerror}", reason="package-unreadable"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"{path} is not a regular file", reason="package-unreadable")
+            size = info.st_size
+            header_len = fmt.read_prefix(os.pread(fd, fmt.PREFIX_LEN, 0), size)
+            rest = os.pread(fd, header_len + fmt.TAG_LEN, fmt.PREFIX_LEN)
+            if len(rest) != header_len + fmt.TAG_LEN:
+                raise IntegrityError("the package is truncated", reason="truncated")
+            header_bytes, tag = rest[:header_len], rest[header_len:]
+            header = fmt.parse_header(header_bytes)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        return cls(path, fd, size, header_bytes, tag, header)
+
+    def layout(self) -> fmt.Layout:
+        return fmt.Layout(self.header, len(self.header_bytes))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SealedPackage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def inspect_package(pkg_dir: Path) -> dict[str, Any]:
+    """Header, manifest and structure of a package, checked without any key."""
+    with SealedPackage.open(pkg_dir) as pkg:
+        fmt.validate(pkg.header)
+        layout = pkg.layout()
+        fmt.check_size(layout, pkg.file_size)
+        return fmt.describe(pkg.header, len(pkg.header_bytes), pkg.file_size)
+
+
+def unseal_package(
+    pkg_dir: Path,
+    dest: Destination,
+    unwrapper: DekUnwrapper,
+    *,
+    expected_key_id: str | None = None,
+    progress: Progress | None = None,
+    workers: int | None = None,
+) -> fmt.Header:
+    """Authenticate and decrypt the package in ``pkg_dir`` into ``dest``.
+
+    ``dest.max_bytes`` caps the model's total size. On an exception ``dest`` may hold partial
+    output: run this inside ``with dest:`` (or call ``dest.wipe()``).
+    """
+    with SealedPackage.open(pkg_dir) as pkg:
+        header = pkg.header
+        if expected_key_id and not key_ids_match(expected_key_id, header.key_id):
+            raise KeyUnwrapError(
+                f"the package was sealed for the KEK {header.key_id}, not {expected_key_id}",
+                reason="key-mismatch",
+            )
+        dek = unwrapper.unwrap(header.wrapped_dek, header.key_id)
+        try:
+            key = derive_chunk_key(dek, header.salt)
+        finally:
+            zero(dek)
+        try:
+            prefix = fmt.authenticated_prefix(pkg.header_bytes)
+            verify_header_tag(key, prefix, pkg.header_tag)
+            fmt.validate(header, max_bytes=dest.max_bytes)
+            layout = pkg.layout()
+            fmt.check_size(layout, pkg.file_size)
+            cipher = ChunkCipher(key, hashlib.sha256(prefix).digest())
+            _extract(pkg, layout, cipher, dest, progress, workers)
+        finally:
+            zero(key)
+    return header
+
+
+def _extract(
+    pkg: SealedPackage,
+    layout: fmt.Layout,
+    cipher: ChunkCipher,
+    dest: Destination,
+    progress: Progress | None,
+    workers: int | None,
+) -> None:
+    header = pkg.header
+    if progress is not None:
+        progress.set_total(header.total_size)
+    for d in header.directories:
+        dest.mkdir(d.path, d.mode)
+    for f in header.files:
+        if f.size == 0:
+            os.close(dest.open_file(f.path, f.mode, size=0))
+
+    def open_target(file: int) -> int:
+        entry = header.files[file]
+        return dest.open_file(entry.path, entry.mode, size=entry.size)
+
+    targets = OpenFiles(open_target, lambda f: len(layout.chunks_of(f)))
+
+    def work(index: int, inbuf: memoryview, outbuf: memoryview) -> None:
+        ref = layout.chunk(index)
+        record = ref.length + fmt.TAG_LEN
+        if os.preadv(pkg.fd, [inbuf[:record]], ref.package_offset) != record:
+            raise IntegrityError("the package is truncated", reason="truncated")
+        n = cipher.open_into(
+            index, ref.final, inbuf[: ref.length], inbuf[ref.length : record], outbuf
+        )
+        if ref.file >= 0:
+            fd = targets.acquire(ref.file)
+            pwrite_all(fd, [outbuf[:n]], ref.file_offset)
+            targets.release(ref.file)
+        if progress is not None:
+            progress.advance(ref.length)
+
+    try:
+        run_chunks(layout.count, work, buffer_size=layout.chunk_size + fmt.TAG_LEN,
+                   workers=workers)
+    finally:
+        targets.close_all()
