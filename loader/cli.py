@@ -76,6 +76,9 @@ def register_unseal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "the data key is unwrapped by Key Vault (unwrapKey) with it")
     p.add_argument("--max-bytes", type=parse_size, default=None, metavar="N",
                    help="refuse models larger than N bytes (default: max_bytes)")
+    from loader import skr
+
+    skr.add_arguments(p)
     p.set_defaults(func=unseal_command)
 
 
@@ -123,12 +126,19 @@ def seal_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_unwrapper(
-    kek_private_key: Path | None, key_id: str | None, cfg: Config
-) -> DekUnwrapper:
-    """Where the data key comes from: the one seam a Secure Key Release backend plugs into."""
+def make_unwrapper(args: argparse.Namespace, key_id: str | None, cfg: Config) -> DekUnwrapper:
+    """Where the data key comes from: Secure Key Release, a PEM, or Key Vault's unwrapKey."""
     from loader.keywrap import KeyVaultUnwrapper, PemUnwrapper
 
+    kek_private_key: Path | None = args.kek_private_key
+    if args.skr:
+        from loader import skr
+
+        return skr.unwrapper_for(
+            skr.SkrRequest(args.key_id, args.maa_url, args.skr_tool), kek_private_key, cfg
+        )
+    if args.maa_url or args.skr_tool:
+        raise UsageError("--maa-url and --skr-tool only apply with --skr", reason="usage")
     if kek_private_key is not None:
         return PemUnwrapper.from_file(kek_private_key)
     if key_id:
@@ -152,7 +162,7 @@ def unseal_command(args: argparse.Namespace) -> int:
     if not pkg_dir.is_dir():
         raise UsageError(f"{pkg_dir} is not a directory", reason="package-unreadable")
     # Check the key source before touching the destination.
-    unwrapper = make_unwrapper(args.kek_private_key, key_id, cfg)
+    unwrapper = make_unwrapper(args, key_id, cfg)
     sealed = (pkg_dir / fmt.PACKAGE_FILE).exists()
     with Progress("unseal") as progress:
         if sealed:
@@ -233,46 +243,3 @@ def _inspect_tutorial(pkg_dir: Path) -> dict[str, object]:
         "archive_bytes": package.archive.stat().st_size,
         "wrapped_dek_bytes": len(package.read_wrapped_dek()),
     }
-
-
-# -- Secure Key Release hook (the code lives in loader/skr.py) ---------------------------------
-# `confinfer unseal --skr [--maa-url URL] [--key-id KID] [--skr-tool PATH]`: the unseal parser
-# gains the SKR options, and while an `--skr` unseal runs, make_unwrapper answers with the SKR
-# backend. Everything above is unchanged; the entry point loads the names bound here.
-
-_register_unseal_without_skr = register_unseal
-_make_unwrapper_without_skr = make_unwrapper
-
-
-def _register_unseal_with_skr(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from loader import skr
-
-    _register_unseal_without_skr(sub)
-    skr.add_arguments(sub.choices["unseal"])
-    sub.choices["unseal"].set_defaults(func=_unseal_command_with_skr)
-
-
-def _unseal_command_with_skr(args: argparse.Namespace) -> int:
-    if not args.skr:
-        if args.maa_url or args.skr_tool:
-            raise UsageError("--maa-url and --skr-tool only apply with --skr", reason="usage")
-        return unseal_command(args)
-    from loader import skr
-
-    with skr.requested(args):
-        return unseal_command(args)
-
-
-def _make_unwrapper_with_skr(
-    kek_private_key: Path | None, key_id: str | None, cfg: Config
-) -> DekUnwrapper:
-    from loader import skr
-
-    selected = skr.selected_unwrapper(kek_private_key, cfg)
-    if selected is not None:
-        return selected
-    return _make_unwrapper_without_skr(kek_private_key, key_id, cfg)
-
-
-register_unseal = _register_unseal_with_skr
-make_unwrapper = _make_unwrapper_with_skr

@@ -19,10 +19,7 @@ Imports of the SKR machinery happen on use, so ``confinfer --help`` stays lean.
 from __future__ import annotations
 
 import argparse
-import contextvars
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -149,29 +146,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class SkrRequest:
-    """What ``unseal --skr`` asked for, carried to the unwrapper selection."""
+    """What ``unseal --skr`` asked for."""
 
     key_id: str | None
     maa_url: str | None
     skr_tool: Path | None
 
 
-_REQUEST: contextvars.ContextVar[SkrRequest | None] = contextvars.ContextVar(
-    "confinfer_skr_request", default=None
-)
-
-
-@contextmanager
-def requested(args: argparse.Namespace) -> Iterator[None]:
-    """Within this block, :func:`selected_unwrapper` answers with an SKR backend."""
-    token = _REQUEST.set(SkrRequest(args.key_id, args.maa_url, args.skr_tool))
-    try:
-        yield
-    finally:
-        _REQUEST.reset(token)
-
-
 def unwrapper_for(request: SkrRequest, kek_private_key: Path | None, cfg: Config) -> DekUnwrapper:
+    """The backend ``unseal --skr`` asked for: AzureAttestSKR when a tool is set, else native."""
     if kek_private_key is not None:
         raise UsageError(
             "--skr and --kek-private-key are two different key sources; give one",
@@ -180,14 +163,6 @@ def unwrapper_for(request: SkrRequest, kek_private_key: Path | None, cfg: Config
     from confinfer import config
 
     cfg = config.override(cfg, maa_url=request.maa_url, skr_tool=request.skr_tool)
-    if request.skr_tool is not None or cfg.skr_tool is not None:
+    if cfg.skr_tool is not None:
         return CompatUnwrapper(cfg.skr_tool, cfg, request.key_id)
     return SkrUnwrapper(cfg, request.key_id)
-
-
-def selected_unwrapper(kek_private_key: Path | None, cfg: Config) -> DekUnwrapper | None:
-    """The SKR unwrapper when ``unseal --skr`` is running, else None."""
-    request = _REQUEST.get()
-    if request is None:
-        return None
-    return unwrapper_for(request, kek_private_key, cfg)

@@ -6,7 +6,6 @@ Running the tool (a fake that checks the real tool's CLI) is in tests/integratio
 
 from __future__ import annotations
 
-import argparse
 import base64
 from pathlib import Path
 from typing import Any
@@ -86,8 +85,8 @@ def test_key_id_precedence() -> None:
     assert err.value.reason == "no-key-id"
 
 
-def request(**kw: Any) -> argparse.Namespace:
-    return argparse.Namespace(**({"key_id": None, "maa_url": None, "skr_tool": None} | kw))
+def request(**kw: Any) -> loader_skr.SkrRequest:
+    return loader_skr.SkrRequest(**({"key_id": None, "maa_url": None, "skr_tool": None} | kw))
 
 
 def test_backend_selection(tmp_path: Path) -> None:
@@ -95,23 +94,17 @@ def test_backend_selection(tmp_path: Path) -> None:
     tool.write_text("#!/bin/sh\nexit 1\n", encoding="utf-8")
     tool.chmod(0o755)
     cfg = Config()
-    assert loader_skr.selected_unwrapper(None, cfg) is None  # not an --skr unseal
-    with loader_skr.requested(request(maa_url="https://other.attest.azure.net")):
-        native = loader_skr.selected_unwrapper(None, cfg)
-        assert isinstance(native, loader_skr.SkrUnwrapper)
-        assert native._cfg.maa_url == "https://other.attest.azure.net"
-        with pytest.raises(UsageError) as err:
-            loader_skr.selected_unwrapper(tmp_path / "kek.pem", cfg)
-        assert "--skr and --kek-private-key" in err.value.message
-    with loader_skr.requested(request(skr_tool=tool, key_id=KID)):
-        assert isinstance(loader_skr.selected_unwrapper(None, cfg), loader_skr.CompatUnwrapper)
+    native = loader_skr.unwrapper_for(request(maa_url="https://other.attest.azure.net"), None, cfg)
+    assert isinstance(native, loader_skr.SkrUnwrapper)
+    assert native._cfg.maa_url == "https://other.attest.azure.net"
+    with pytest.raises(UsageError) as err:
+        loader_skr.unwrapper_for(request(), tmp_path / "kek.pem", cfg)
+    assert "--skr and --kek-private-key" in err.value.message
+    compat = loader_skr.unwrapper_for(request(skr_tool=tool, key_id=KID), None, cfg)
+    assert isinstance(compat, loader_skr.CompatUnwrapper)
     # A configured tool selects the compatibility backend too.
-    with loader_skr.requested(request()):
-        assert isinstance(
-            loader_skr.selected_unwrapper(None, Config(skr_tool=tool)),
-            loader_skr.CompatUnwrapper,
-        )
-    assert loader_skr.selected_unwrapper(None, cfg) is None
+    configured = loader_skr.unwrapper_for(request(), None, Config(skr_tool=tool))
+    assert isinstance(configured, loader_skr.CompatUnwrapper)
 
 
 def test_tool_cannot_release_for_an_offline_sealed_package(tmp_path: Path) -> None:
