@@ -57,6 +57,14 @@ def make_archive(model_dir: Path, work: Path) -> bytes:
     return data
 
 
+def files_of(root: Path) -> dict[str, bytes]:
+    """Every regular file below ``root`` by its POSIX path relative to ``root``, with its bytes:
+    what an unseal wrote, to compare with the model it came from."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
+    }
+
+
 def build_tar(
     entries: Sequence[tuple[tarfile.TarInfo, bytes | None]],
     fmt: int = tarfile.PAX_FORMAT,

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from confinfer import config, hcl, maa
 from confinfer.errors import AttestationError, ServiceError, TpmError
 from confinfer.tpm import EphemeralKey, Quote, Vtpm
+from tests.cli import run_confinfer
 
 if TYPE_CHECKING:
     from tests.integration.conftest import RunningTestbed
@@ -34,11 +34,8 @@ def cfg_for(tb: RunningTestbed, tmp_path: Path, **env: str) -> config.Config:
 
 
 def confinfer(tb: RunningTestbed, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "confinfer", "attest", *args],
-        capture_output=True, text=True, timeout=90, check=False,
-        env=tb.environ(**{"CONFINFER_MAX_RETRIES": "2", **env}),
-    )
+    return run_confinfer("attest", *args, timeout=90,
+                         env=tb.environ(**{"CONFINFER_MAX_RETRIES": "2", **env}))
 
 
 @pytest.fixture

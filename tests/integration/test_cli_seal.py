@@ -4,40 +4,29 @@ wrapping against the testbed's vault."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pty
 import select
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import sealedref
+from tests.cli import (
+    assert_refused,
+    confinfer_command,
+    interrupt_midway,
+    run_confinfer,
+    small_tmpfs,
+)
 from tests.integration.conftest import RunningTestbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 MiB = 1 << 20
-
-
-def confinfer(*args: str | Path, env: dict[str, str] | None = None,
-              timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "confinfer", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env, check=False)
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], reason: str, code: int = 1) -> None:
-    assert result.returncode == code, result.stderr
-    assert result.stderr.startswith(f"confinfer: {reason}: "), result.stderr
-    lines = [line for line in result.stderr.splitlines() if not line.startswith("hint: ")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +53,12 @@ def make_model(root: Path, big: int = 3 * MiB + 7) -> Path:
 
 def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model")
-    sealed = confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                       keys["public"], "--chunk-size", "1MiB")
+    sealed = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                           keys["public"], "--chunk-size", "1MiB")
     assert sealed.returncode == 0, sealed.stderr
     assert "sealed 4 files" in sealed.stderr and "\r" not in sealed.stderr  # no bar on a pipe
 
-    inspected = confinfer("inspect", tmp_path / "pkg")
+    inspected = run_confinfer("inspect", tmp_path / "pkg")
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)
     assert info["header"]["chunk_size"] == MiB
@@ -79,8 +68,8 @@ def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -
         "config.json", "model-00001.safetensors", "tokenizer/tokenizer.json", "tokenizer/empty"}
     assert info["structure"]["file_bytes"] == (tmp_path / "pkg/model.sealed").stat().st_size
 
-    unsealed = confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out",
-                         "--kek-private-key", keys["private"], "--max-bytes", "4M")
+    unsealed = run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out",
+                             "--kek-private-key", keys["private"], "--max-bytes", "4M")
     assert unsealed.returncode == 0, unsealed.stderr
     assert sealedref.tree(tmp_path / "out") == sealedref.tree(model)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o700
@@ -88,12 +77,12 @@ def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -
 
 def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model", big=100_000)
-    assert confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                     keys["public"], "--chunk-size", "16K").returncode == 0
+    assert run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                         keys["public"], "--chunk-size", "16K").returncode == 0
     dest = tmp_path / "dest"
 
     def unseal(pkg: Path, *extra: str | Path) -> subprocess.CompletedProcess[str]:
-        return confinfer("unseal", pkg, "--dest", dest, *extra)
+        return run_confinfer("unseal", pkg, "--dest", dest, *extra)
 
     assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["other"]), "key-mismatch")
     assert not dest.exists()
@@ -108,7 +97,7 @@ def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str,
                    "chunk-integrity")
     assert not dest.exists()
     sealedref.install(bytes(data[:-1]), tmp_path / "cut")
-    assert_refused(confinfer("inspect", tmp_path / "cut"), "truncated")
+    assert_refused(run_confinfer("inspect", tmp_path / "cut"), "truncated")
 
     dest.mkdir()
     (dest / "x").write_text("keep")
@@ -123,13 +112,13 @@ def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str,
 def test_seal_refuses_links_and_leaves_no_package(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model", big=10)
     (model / "tokenizer/alias.json").symlink_to(model / "tokenizer/tokenizer.json")
-    result = confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                       keys["public"])
+    result = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                           keys["public"])
     assert_refused(result, "unsupported-file", code=2)
     assert "symbolic link" in result.stderr
     assert not (tmp_path / "pkg").exists()
-    bad = confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                    keys["public"], "--chunk-size", "lots")
+    bad = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                        keys["public"], "--chunk-size", "lots")
     assert bad.returncode == 2 and "not a size" in bad.stderr
 
 
@@ -139,43 +128,14 @@ def test_sigterm_mid_unseal_wipes(tmp_path: Path, keys: dict[str, Path]) -> None
     spec = sealedref.Spec(files={"weights.bin": os.urandom(2 * MiB)}, chunk_size=16)
     sealedref.install(sealedref.build(spec), tmp_path / "pkg")
     dest = tmp_path / "dest"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "confinfer", "unseal", str(tmp_path / "pkg"), "--dest",
-         str(dest), "--kek-private-key", str(keys["private"])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    target = dest / "weights.bin"
+    returncode, stderr = interrupt_midway(
+        ["unseal", tmp_path / "pkg", "--dest", dest, "--kek-private-key", keys["private"]],
+        started=lambda: target.stat().st_size > 0,
     )
-    try:
-        deadline = time.monotonic() + 60
-        target = dest / "weights.bin"
-        while proc.poll() is None:
-            with contextlib.suppress(FileNotFoundError):
-                if target.stat().st_size > 0:
-                    break
-            assert time.monotonic() < deadline, "the unseal never started writing"
-            time.sleep(0.002)
-        assert proc.poll() is None, "the unseal finished before it could be interrupted"
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert stderr.startswith("confinfer: interrupted: "), stderr
     assert not dest.exists()
-
-
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
-                              str(where)], capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -184,16 +144,16 @@ def test_full_tmpfs_fails_cleanly(tmp_path: Path, keys: dict[str, Path]) -> None
     model.mkdir()
     (model / "a.bin").write_bytes(os.urandom(700_000))
     (model / "b.bin").write_bytes(os.urandom(700_000))
-    assert confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                     keys["public"], "--chunk-size", "64K").returncode == 0
+    assert run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                         keys["public"], "--chunk-size", "64K").returncode == 0
     with small_tmpfs(tmp_path / "mnt", "1m") as mnt:
-        result = confinfer("unseal", tmp_path / "pkg", "--dest", mnt / "model",
-                           "--kek-private-key", keys["private"])
+        result = run_confinfer("unseal", tmp_path / "pkg", "--dest", mnt / "model",
+                               "--kek-private-key", keys["private"])
         assert_refused(result, "no-space")
         assert list(mnt.iterdir()) == []
         # Unsealing into the mount point itself (an existing empty directory) empties it.
-        result = confinfer("unseal", tmp_path / "pkg", "--dest", mnt, "--kek-private-key",
-                           keys["private"])
+        result = run_confinfer("unseal", tmp_path / "pkg", "--dest", mnt, "--kek-private-key",
+                               keys["private"])
         assert_refused(result, "no-space")
         assert list(mnt.iterdir()) == []
 
@@ -203,8 +163,8 @@ def test_progress_line_on_a_terminal(tmp_path: Path, keys: dict[str, Path]) -> N
     controller, terminal = pty.openpty()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "confinfer", "seal", str(model), "--out",
-             str(tmp_path / "pkg"), "--kek-public-key", str(keys["public"])],
+            confinfer_command("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
+                              keys["public"]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
         )
         os.close(terminal)
@@ -241,20 +201,20 @@ def test_seal_with_key_vault_and_unseal_through_it(
     kid = testbed.env["CONFINFER_KEY_ID"]
     env = testbed.environ()
     model = make_model(tmp_path / "model", big=300_000)
-    sealed = confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid, env=env)
+    sealed = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid, env=env)
     assert sealed.returncode == 0, sealed.stderr
-    header = json.loads(confinfer("inspect", tmp_path / "pkg").stdout)["header"]
+    header = json.loads(run_confinfer("inspect", tmp_path / "pkg").stdout)["header"]
     # Key Vault answers with the versioned key id; the package pins it.
     assert header["key_id"].startswith(kid.rstrip("/") + "/") or header["key_id"] == kid
 
-    unsealed = confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out", "--key-id",
-                         kid, env=env)
+    unsealed = run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out", "--key-id",
+                             kid, env=env)
     assert unsealed.returncode == 0, unsealed.stderr
     assert sealedref.tree(tmp_path / "out") == sealedref.tree(model)
 
     other = kid.rsplit("/keys/", 1)[0] + "/keys/another-key"
-    assert_refused(confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "o2",
-                             "--key-id", other, env=env), "key-mismatch")
+    assert_refused(run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "o2",
+                                 "--key-id", other, env=env), "key-mismatch")
     assert not (tmp_path / "o2").exists()
 
 
@@ -263,13 +223,13 @@ def test_key_vault_refusals_are_one_line(tmp_path: Path, testbed: RunningTestbed
     model = make_model(tmp_path / "model", big=10)
     noroles = testbed.environ(
         CONFINFER_MANAGED_IDENTITY_CLIENT_ID=testbed.env["CONFINFER_TESTBED_NOROLE_CLIENT_ID"])
-    assert_refused(confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid,
-                             env=noroles), "keyvault-forbidden")
+    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid,
+                                 env=noroles), "keyvault-forbidden")
     assert not (tmp_path / "pkg").exists()
     missing = kid.rsplit("/keys/", 1)[0] + "/keys/no-such-key"
-    assert_refused(confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", missing,
-                             env=testbed.environ()), "key-not-found")
-    assert_refused(confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id",
-                             "http://not-a-vault/x", env=testbed.environ()),
+    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", missing,
+                                 env=testbed.environ()), "key-not-found")
+    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id",
+                                 "http://not-a-vault/x", env=testbed.environ()),
                    "key-id-invalid", code=2)
     assert not (tmp_path / "pkg").exists()

@@ -6,15 +6,10 @@ unwrapped offline with the KEK's private key.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tarfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,11 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from testbed import tinymodel
+from tests.cli import assert_refused, interrupt_midway, run_confinfer, small_tmpfs
 from tests.tutorial_pkg import (
     ARCHIVE_NAME,
     build_tar,
     dir_info,
     file_info,
+    files_of,
     make_archive,
     special_info,
     write_package,
@@ -51,29 +48,12 @@ def kek(tmp_path_factory: pytest.TempPathFactory) -> tuple[rsa.RSAPrivateKey, Pa
     return key, pem
 
 
-def unseal_argv(pkg: Path, dest: Path, pem: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, "-m", "confinfer", "unseal", str(pkg),
-        "--dest", str(dest), "--kek-private-key", str(pem), *extra,
-    ]  # fmt: skip
+def unseal_args(pkg: Path, dest: Path, pem: Path, *extra: str) -> list[str | Path]:
+    return ["unseal", pkg, "--dest", dest, "--kek-private-key", pem, *extra]
 
 
 def unseal(pkg: Path, dest: Path, pem: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        unseal_argv(pkg, dest, pem, *extra), capture_output=True, text=True, timeout=120
-    )
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
-
-
-def assert_refused(result: subprocess.CompletedProcess[str], reason: str) -> None:
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.startswith(f"confinfer: {reason}: "), result.stderr
-    assert "Traceback" not in result.stderr
+    return run_confinfer(*unseal_args(pkg, dest, pem, *extra))
 
 
 def test_tutorial_package_unseals(
@@ -191,22 +171,6 @@ def test_dek_wrapped_for_another_kek(tmp_path: Path, kek: tuple[rsa.RSAPrivateKe
     assert not (tmp_path / "dest").exists()
 
 
-@contextlib.contextmanager
-def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", str(where)], check=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 def test_full_disk(tmp_path: Path, kek: tuple[rsa.RSAPrivateKey, Path]) -> None:
     tar = build_tar([(file_info("m/config.json"), b"{}"), (file_info("m/w"), os.urandom(3 * MiB))])
@@ -220,23 +184,9 @@ def test_sigterm_midway_wipes(tmp_path: Path, kek: tuple[rsa.RSAPrivateKey, Path
     payload = os.urandom(MiB) * 160
     write_package(tmp_path / "pkg", build_tar([(file_info("m/w"), payload)]), kek[0].public_key())
     dest = tmp_path / "dest"
-    proc = subprocess.Popen(
-        unseal_argv(tmp_path / "pkg", dest, kek[1]),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    returncode, stderr = interrupt_midway(
+        unseal_args(tmp_path / "pkg", dest, kek[1]), started=(dest / "m" / "w").exists
     )
-    try:
-        deadline = time.monotonic() + 60
-        while not (dest / "m" / "w").exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "the unseal never started writing"
-            time.sleep(0.001)
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
+    assert returncode == 130, stderr
     assert stderr.startswith("confinfer: interrupted: "), stderr
     assert not dest.exists()

@@ -35,12 +35,12 @@ from confinfer.maa import AttestationResult
 from confinfer.tpm import Vtpm
 from testbed import jwks
 from testbed.pki import Trust
+from tests.cli import run_confinfer
 from tests.integration.conftest import RunningTestbed, TestbedFactory
-from tests.tutorial_pkg import make_archive, write_package
+from tests.tutorial_pkg import files_of, make_archive, write_package
 
 pytestmark = pytest.mark.integration
 
-CLI_TIMEOUT_S = 120
 CVM_CLAIMS = (
     ("x-ms-isolation-tee.x-ms-attestation-type", "sevsnpvm"),
     ("x-ms-isolation-tee.x-ms-compliance-status", "azure-compliant-cvm"),
@@ -107,10 +107,7 @@ def kek_public(cfg: Config, kid: str) -> rsa.RSAPublicKey:
 
 
 def confinfer(testbed: RunningTestbed, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "confinfer", *args], capture_output=True, text=True,
-        timeout=CLI_TIMEOUT_S, check=False, env=testbed.environ(**env),
-    )
+    return run_confinfer(*args, env=testbed.environ(**env))
 
 
 def model(tmp_path: Path) -> Path:
@@ -120,13 +117,6 @@ def model(tmp_path: Path) -> Path:
     (root / "config.json").write_text('{"hidden_size": 128}', encoding="utf-8")
     (root / "tokenizer" / "tokenizer.json").write_text('{"v": 1}', encoding="utf-8")
     return root
-
-
-def same_tree(a: Path, b: Path) -> bool:
-    def files(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-    return files(a) == files(b)
 
 
 def expect(exc_type: type[ConfinferError], reason: str, fn: Any, *args: Any,
@@ -149,7 +139,7 @@ def test_seal_with_key_vault_then_unseal_with_skr(testbed: RunningTestbed, tmp_p
     done = confinfer(testbed, "unseal", str(pkg), "--dest", str(dest), "--skr",
                      CONFINFER_KEY_ID="")
     assert done.returncode == 0, done.stderr
-    assert same_tree(src, dest)
+    assert files_of(src) == files_of(dest)
     assert f"released KEK {kid} (RSA_AES_KEY_WRAP_256)" in done.stderr
 
 
@@ -173,7 +163,7 @@ def test_tutorial_layout_unseals_with_skr(
         done = confinfer(testbed, "unseal", str(pkg), "--dest", str(dest), "--skr", *args,
                          **env)
         assert done.returncode == 0, done.stderr
-        assert same_tree(src, dest / src.name)
+        assert files_of(src) == files_of(dest / src.name)
 
 
 def test_offline_sealed_package_needs_the_released_kek_to_match(
@@ -193,7 +183,7 @@ def test_offline_sealed_package_needs_the_released_kek_to_match(
     done = confinfer(testbed, "unseal", str(tmp_path / "right"), "--dest", str(tmp_path / "d1"),
                      "--skr")
     assert done.returncode == 0, done.stderr
-    assert same_tree(src, tmp_path / "d1")
+    assert files_of(src) == files_of(tmp_path / "d1")
     done = confinfer(testbed, "unseal", str(tmp_path / "wrong"), "--dest", str(tmp_path / "d2"),
                      "--skr")
     assert done.returncode == 1
@@ -565,13 +555,11 @@ def test_unseal_through_the_tool(
     src, pkg, dest = model(tmp_path), tmp_path / "pkg", tmp_path / "dest"
     write_package(pkg, make_archive(src, tmp_path), fake_kek.public_key())
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONFINFER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "confinfer", "unseal", str(pkg), "--dest", str(dest), "--skr",
-         "--skr-tool", str(tool), "--key-id", FAKE_KID, "--maa-url", FAKE_MAA],
-        capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False,
-        env=env | {"FAKE_SKR_OUTPUT": "raw"},
+    done = run_confinfer(
+        "unseal", pkg, "--dest", dest, "--skr", "--skr-tool", tool, "--key-id", FAKE_KID,
+        "--maa-url", FAKE_MAA, env=env | {"FAKE_SKR_OUTPUT": "raw"},
     )
     assert done.returncode == 0, done.stderr
-    assert same_tree(src, dest / src.name)
+    assert files_of(src) == files_of(dest / src.name)
     calls = (tool.parent / "calls.log").read_text(encoding="utf-8").splitlines()
     assert calls == [f"-a {FAKE_MAA} -k {FAKE_KID}"]

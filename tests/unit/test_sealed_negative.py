@@ -325,18 +325,7 @@ def test_special_modes_are_sanitised_not_trusted(tmp_path: Path) -> None:
     assert (tmp_path / "dest/d").stat().st_mode & 0o7777 == 0o755
 
 
-# -- destination and inspect ------------------------------------------------------------------
-
-
-def test_non_empty_destination_is_refused_before_any_key_use(package: Package,
-                                                              tmp_path: Path) -> None:
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "precious").write_text("keep")
-    with pytest.raises(UsageError) as info:
-        Destination(dest)
-    assert info.value.reason == "dest-not-empty"
-    assert (dest / "precious").read_text() == "keep"
+# -- inspect ------------------------------------------------------------------
 
 
 def test_inspect_finds_structural_damage_without_a_key(package: Package,

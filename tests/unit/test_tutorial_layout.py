@@ -21,6 +21,7 @@ from tests.tutorial_pkg import (
     dir_info,
     encrypt_archive,
     file_info,
+    files_of,
     make_archive,
     model_trees,
     special_info,
@@ -41,12 +42,6 @@ def model_dir(root: Path, name: str = "Phi-4-mini-reasoning") -> Path:
     (model / "model-00002-of-00002.safetensors").write_bytes(os.urandom(MiB))
     (model / "empty.txt").write_bytes(b"")
     return model
-
-
-def files_of(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
 
 
 def seal(tmp_path: Path, tar: bytes, dek: bytes | None = None) -> tuple[Path, bytearray]:
