@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -60,9 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfinferError as exc:
         if args.debug:
             LOG.exception("failed")
-        print(f"confinfer: {exc.one_line()}", file=sys.stderr)
+        # Under journald the failure line carries the error priority like every log line.
+        prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
+        print(f"{prefix}confinfer: {exc.one_line()}", file=sys.stderr)
         if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
+            print(f"{prefix}hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         return 1

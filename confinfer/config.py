@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,17 @@ CONFIG_DIR = Path("/etc/confinfer")
 ENV_PREFIX = "CONFINFER_"
 
 SKR_ALGORITHMS = ("RSA_AES_KEY_WRAP_256", "CKM_RSA_AES_KEY_WRAP", "RSA_AES_KEY_WRAP_384")
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
+_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+
+
+def parse_size(text: str) -> int:
+    """``4194304``, ``4M``, ``4MiB``, ``64G``: binary multiples. Raises ValueError."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"not a size: {text!r} (e.g. 4194304, 4M, 64GiB)")
+    return int(match.group(1)) << _SHIFT[match.group(2).upper()]
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
             f"{origin}: key {name!r} = {raw!r}: {why}", reason="config-invalid"
         )
 
+    if raw == "" and "None" in kind:
+        return None  # an empty variable means "not set"
     if "bool" in kind:
         if isinstance(raw, bool):
             return raw
@@ -97,9 +111,10 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
         if isinstance(raw, bool):
             raise bad("expected an integer")
         try:
-            value = int(raw)
+            value = parse_size(raw) if name == "max_bytes" and isinstance(raw, str) else int(raw)
         except (TypeError, ValueError):
-            raise bad("expected an integer") from None
+            raise bad("expected an integer" + (" or a size like 64G" if name == "max_bytes"
+                                               else "")) from None
         if value < 0:
             raise bad("must not be negative")
         return value
@@ -113,8 +128,6 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
         return value_f
     if not isinstance(raw, str):
         raise bad("expected a string")
-    if raw == "" and "None" in kind:
-        return None
     if "Path" in kind:
         return Path(raw)
     return raw

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,16 +23,14 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("confinfer.loader")
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B)?\s*$", re.IGNORECASE)
-_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}
-
-
 def parse_size(text: str) -> int:
     """``4194304``, ``4M``, ``4MiB``, ``64G``: binary multiples."""
-    match = _SIZE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4194304, 4M, 64GiB)")
-    return int(match.group(1)) << _SHIFT[match.group(2).upper()]
+    from confinfer.config import parse_size as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- registration ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from collections.abc import Iterator
 
 import pytest
 
@@ -11,6 +13,15 @@ from confinfer import cli, log
 from confinfer.errors import ConfinferError, IntegrityError
 
 pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(autouse=True)
+def _keep_signal_handlers() -> Iterator[None]:
+    """cli.main installs SIGTERM/SIGINT handlers; give pytest its own back."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 def test_every_declared_subcommand_registers() -> None:
@@ -61,3 +72,14 @@ def test_priority_prefix_only_under_journald(
     logging.getLogger("t").debug("plain")
     assert capsys.readouterr().err == "plain\n"
     logging.getLogger().handlers.clear()
+
+
+def test_failure_line_carries_error_priority_under_journald(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", "8:1234")
+    code = cli.main(["inspect", "/nonexistent/package"])
+    err = capsys.readouterr().err
+    logging.getLogger().handlers.clear()
+    assert code != 0
+    assert err.startswith("<3>confinfer: "), err

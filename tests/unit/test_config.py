@@ -88,3 +88,27 @@ def test_override_rejects_unknown_key(tmp_path: Path) -> None:
     cfg = config.load(tmp_path, environ={})
     with pytest.raises(ConfigError, match="unknown configuration key 'nope'"):
         config.override(cfg, nope=1)
+
+
+def test_empty_variable_means_unset_and_sizes_take_suffixes(tmp_path: Path) -> None:
+    cfg = config.load(tmp_path, environ={"CONFINFER_MAX_BYTES": "", "CONFINFER_KEY_ID": ""})
+    assert cfg.max_bytes is None and cfg.key_id is None
+    cfg = config.load(tmp_path, environ={"CONFINFER_MAX_BYTES": "64G"})
+    assert cfg.max_bytes == 64 << 30
+    (tmp_path / "a.toml").write_text('max_bytes = "2MiB"\n', encoding="utf-8")
+    assert config.load(tmp_path, environ={}).max_bytes == 2 << 20
+    with pytest.raises(ConfigError, match="expected an integer or a size like 64G"):
+        config.load(tmp_path, environ={"CONFINFER_MAX_BYTES": "lots"})
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("4194304", 4194304), ("4M", 4 << 20), ("4MiB", 4 << 20), ("1 g", 1 << 30)]
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert config.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "4X", "-1", "1.5G", "M"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        config.parse_size(text)
