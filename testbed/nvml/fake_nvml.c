@@ -93,12 +93,25 @@ static pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned int g_init_count;
 static struct nvmlDevice_st g_devices[MAX_GPUS];
 
-/* Every entry point after init: initialised, state readable. */
-static nvmlReturn_t enter(struct state *st)
+/* The logic of one entry point: the freshly read state and the call's own arguments. */
+typedef nvmlReturn_t (*state_body)(const struct state *st, void *arg);
+/* The same for a device call, once the handle has been validated: the device's index. */
+typedef nvmlReturn_t (*device_body)(const struct state *st, unsigned int index, void *arg);
+
+/*
+ * The frame of every entry point after init: under g_lock, the library must be initialised and
+ * the state file is re-read; only then does body run (still under the lock) on the call's args.
+ */
+static nvmlReturn_t with_state(state_body body, void *arg)
 {
-    if (g_init_count == 0)
-        return NVML_ERROR_UNINITIALIZED;
-    return load_state(st);
+    struct state st;
+    nvmlReturn_t rc;
+    pthread_mutex_lock(&g_lock);
+    rc = g_init_count == 0 ? NVML_ERROR_UNINITIALIZED : load_state(&st);
+    if (rc == NVML_SUCCESS)
+        rc = body(&st, arg);
+    pthread_mutex_unlock(&g_lock);
+    return rc;
 }
 
 /* Validate a device handle against the current state. */
@@ -115,6 +128,27 @@ static nvmlReturn_t device_of(const struct state *st, nvmlDevice_t device, unsig
     return NVML_SUCCESS;
 }
 
+struct device_call {
+    nvmlDevice_t device;
+    device_body body;
+    void *arg;
+};
+
+static nvmlReturn_t run_on_device(const struct state *st, void *arg)
+{
+    const struct device_call *call = arg;
+    unsigned int index = 0;
+    nvmlReturn_t rc = device_of(st, call->device, &index);
+    return rc == NVML_SUCCESS ? call->body(st, index, call->arg) : rc;
+}
+
+/* with_state for a device call: body runs only for a valid handle to a present, working GPU. */
+static nvmlReturn_t with_device(nvmlDevice_t device, device_body body, void *arg)
+{
+    struct device_call call = { device, body, arg };
+    return with_state(run_on_device, &call);
+}
+
 static nvmlReturn_t copy_string(char *dst, unsigned int length, const char *src)
 {
     size_t n = strlen(src);
@@ -125,6 +159,21 @@ static nvmlReturn_t copy_string(char *dst, unsigned int length, const char *src)
     memcpy(dst, src, n + 1);
     return NVML_SUCCESS;
 }
+
+/* Store one unsigned int in a caller's buffer. */
+static nvmlReturn_t put_uint(unsigned int *dst, unsigned int value)
+{
+    if (dst == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *dst = value;
+    return NVML_SUCCESS;
+}
+
+/* A caller's string buffer. */
+struct text_out {
+    char *buf;
+    unsigned int length;
+};
 
 /* ---- library lifetime ------------------------------------------------------------------ */
 
@@ -203,47 +252,40 @@ EXPORT const char *nvmlErrorString(nvmlReturn_t result)
 
 /* ---- system queries -------------------------------------------------------------------- */
 
+static nvmlReturn_t get_driver_version(const struct state *st, void *arg)
+{
+    const struct text_out *out = arg;
+    return copy_string(out->buf, out->length, st->driver);
+}
+
 EXPORT nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS)
-        rc = copy_string(version, length, st.driver);
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    struct text_out out = { version, length };
+    return with_state(get_driver_version, &out);
+}
+
+static nvmlReturn_t get_nvml_version(const struct state *st, void *arg)
+{
+    const struct text_out *out = arg;
+    char text[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE + 8];
+    snprintf(text, sizeof text, "12.%s", st->driver);
+    return copy_string(out->buf, out->length, text);
 }
 
 EXPORT nvmlReturn_t nvmlSystemGetNVMLVersion(char *version, unsigned int length)
 {
-    struct state st;
-    char text[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE + 8];
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        snprintf(text, sizeof text, "12.%s", st.driver);
-        rc = copy_string(version, length, text);
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    struct text_out out = { version, length };
+    return with_state(get_nvml_version, &out);
+}
+
+static nvmlReturn_t get_count(const struct state *st, void *arg)
+{
+    return put_uint(arg, (unsigned int)st->gpus);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *deviceCount)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (deviceCount == NULL)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else
-            *deviceCount = (unsigned int)st.gpus;
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(get_count, deviceCount);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *deviceCount)
@@ -251,120 +293,107 @@ EXPORT nvmlReturn_t nvmlDeviceGetCount(unsigned int *deviceCount)
     return nvmlDeviceGetCount_v2(deviceCount);
 }
 
+static nvmlReturn_t get_cc_state(const struct state *st, void *arg)
+{
+    nvmlConfComputeSystemState_t *state = arg;
+    if (state == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    state->environment = (unsigned int)st->env;
+    state->ccFeature = (unsigned int)st->cc;
+    state->devToolsMode = (unsigned int)(st->cc && st->devtools);
+    return NVML_SUCCESS;
+}
+
 EXPORT nvmlReturn_t nvmlSystemGetConfComputeState(nvmlConfComputeSystemState_t *state)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (state == NULL) {
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        } else {
-            state->environment = (unsigned int)st.env;
-            state->ccFeature = (unsigned int)st.cc;
-            state->devToolsMode = (unsigned int)(st.cc && st.devtools);
-        }
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(get_cc_state, state);
+}
+
+static nvmlReturn_t get_cc_caps(const struct state *st, void *arg)
+{
+    nvmlConfComputeSystemCaps_t *caps = arg;
+    (void)st;
+    if (caps == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    caps->cpuCaps = NVML_CC_SYSTEM_CPU_CAPS_AMD_SNP_VTOM;
+    caps->gpusCaps = NVML_CC_SYSTEM_GPUS_CC_CAPABLE;
+    return NVML_SUCCESS;
 }
 
 EXPORT nvmlReturn_t nvmlSystemGetConfComputeCapabilities(nvmlConfComputeSystemCaps_t *caps)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (caps == NULL) {
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        } else {
-            caps->cpuCaps = NVML_CC_SYSTEM_CPU_CAPS_AMD_SNP_VTOM;
-            caps->gpusCaps = NVML_CC_SYSTEM_GPUS_CC_CAPABLE;
-        }
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(get_cc_caps, caps);
+}
+
+static nvmlReturn_t get_cc_settings(const struct state *st, void *arg)
+{
+    nvmlSystemConfComputeSettings_v1_t *settings = arg;
+    if (settings == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (settings->version != nvmlSystemConfComputeSettings_v1)
+        return NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
+    settings->environment = (unsigned int)st->env;
+    settings->ccFeature = (unsigned int)st->cc;
+    settings->devToolsMode = (unsigned int)(st->cc && st->devtools);
+    settings->multiGpuMode = st->multigpu ? NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE
+                                          : NVML_CC_SYSTEM_MULTIGPU_NONE;
+    return NVML_SUCCESS;
 }
 
 EXPORT nvmlReturn_t nvmlSystemGetConfComputeSettings(nvmlSystemConfComputeSettings_v1_t *settings)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (settings == NULL) {
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        } else if (settings->version != nvmlSystemConfComputeSettings_v1) {
-            rc = NVML_ERROR_ARGUMENT_VERSION_MISMATCH;
-        } else {
-            settings->environment = (unsigned int)st.env;
-            settings->ccFeature = (unsigned int)st.cc;
-            settings->devToolsMode = (unsigned int)(st.cc && st.devtools);
-            settings->multiGpuMode = st.multigpu ? NVML_CC_SYSTEM_MULTIGPU_PROTECTED_PCIE
-                                                 : NVML_CC_SYSTEM_MULTIGPU_NONE;
-        }
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(get_cc_settings, settings);
+}
+
+static nvmlReturn_t get_ready(const struct state *st, void *arg)
+{
+    return put_uint(arg, (unsigned int)st->ready);
 }
 
 EXPORT nvmlReturn_t nvmlSystemGetConfComputeGpusReadyState(unsigned int *isAcceptingWork)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (isAcceptingWork == NULL)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else
-            *isAcceptingWork = (unsigned int)st.ready;
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(get_ready, isAcceptingWork);
+}
+
+static nvmlReturn_t set_ready(const struct state *st, void *arg)
+{
+    unsigned int value = *(const unsigned int *)arg;
+    if (value > 1)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (st->setter_root && geteuid() != 0)
+        return NVML_ERROR_NO_PERMISSION;
+    if (!st->cc)
+        return NVML_ERROR_NOT_SUPPORTED;
+    return persist_ready(st, value);
 }
 
 EXPORT nvmlReturn_t nvmlSystemSetConfComputeGpusReadyState(unsigned int isAcceptingWork)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (isAcceptingWork > 1)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else if (st.setter_root && geteuid() != 0)
-            rc = NVML_ERROR_NO_PERMISSION;
-        else if (!st.cc)
-            rc = NVML_ERROR_NOT_SUPPORTED;
-        else
-            rc = persist_ready(&st, isAcceptingWork);
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_state(set_ready, &isAcceptingWork);
 }
 
 /* ---- devices --------------------------------------------------------------------------- */
 
+struct handle_by_index {
+    unsigned int index;
+    nvmlDevice_t *device;
+};
+
+static nvmlReturn_t get_handle_by_index(const struct state *st, void *arg)
+{
+    const struct handle_by_index *q = arg;
+    if (q->device == NULL || q->index >= (unsigned int)st->gpus)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (st->lost)
+        return NVML_ERROR_GPU_IS_LOST;
+    *q->device = &g_devices[q->index];
+    return NVML_SUCCESS;
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
 {
-    struct state st;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (device == NULL || index >= (unsigned int)st.gpus)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else if (st.lost)
-            rc = NVML_ERROR_GPU_IS_LOST;
-        else
-            *device = &g_devices[index];
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    struct handle_by_index q = { index, device };
+    return with_state(get_handle_by_index, &q);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t *device)
@@ -372,53 +401,55 @@ EXPORT nvmlReturn_t nvmlDeviceGetHandleByIndex(unsigned int index, nvmlDevice_t 
     return nvmlDeviceGetHandleByIndex_v2(index, device);
 }
 
-EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
+struct handle_by_uuid {
+    const char *uuid;
+    nvmlDevice_t *device;
+};
+
+static nvmlReturn_t get_handle_by_uuid(const struct state *st, void *arg)
 {
-    struct state st;
-    nvmlReturn_t rc;
+    const struct handle_by_uuid *q = arg;
     int i;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS) {
-        if (uuid == NULL || device == NULL) {
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        } else if (st.lost) {
-            rc = NVML_ERROR_GPU_IS_LOST;
-        } else {
-            rc = NVML_ERROR_NOT_FOUND;
-            for (i = 0; i < st.gpus; i++) {
-                if (strcmp(uuid, st.uuid[i]) == 0) {
-                    *device = &g_devices[i];
-                    rc = NVML_SUCCESS;
-                    break;
-                }
-            }
+    if (q->uuid == NULL || q->device == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (st->lost)
+        return NVML_ERROR_GPU_IS_LOST;
+    for (i = 0; i < st->gpus; i++) {
+        if (strcmp(q->uuid, st->uuid[i]) == 0) {
+            *q->device = &g_devices[i];
+            return NVML_SUCCESS;
         }
     }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return NVML_ERROR_NOT_FOUND;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetHandleByUUID(const char *uuid, nvmlDevice_t *device)
+{
+    struct handle_by_uuid q = { uuid, device };
+    return with_state(get_handle_by_uuid, &q);
 }
 
 enum device_field { FIELD_NAME, FIELD_UUID, FIELD_VBIOS };
 
+struct device_text {
+    enum device_field field;
+    struct text_out out;
+};
+
+static nvmlReturn_t get_device_text(const struct state *st, unsigned int index, void *arg)
+{
+    const struct device_text *q = arg;
+    const char *value = q->field == FIELD_NAME   ? st->name
+                        : q->field == FIELD_UUID ? st->uuid[index]
+                                                 : st->vbios;
+    return copy_string(q->out.buf, q->out.length, value);
+}
+
 static nvmlReturn_t device_string(nvmlDevice_t device, enum device_field field, char *out,
                                   unsigned int length)
 {
-    struct state st;
-    unsigned int index = 0;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS)
-        rc = device_of(&st, device, &index);
-    if (rc == NVML_SUCCESS) {
-        const char *value = field == FIELD_NAME   ? st.name
-                            : field == FIELD_UUID ? st.uuid[index]
-                                                  : st.vbios;
-        rc = copy_string(out, length, value);
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    struct device_text q = { field, { out, length } };
+    return with_device(device, get_device_text, &q);
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
@@ -437,79 +468,60 @@ EXPORT nvmlReturn_t nvmlDeviceGetVbiosVersion(nvmlDevice_t device, char *version
     return device_string(device, FIELD_VBIOS, version, length);
 }
 
+static nvmlReturn_t get_architecture(const struct state *st, unsigned int index, void *arg)
+{
+    (void)st;
+    (void)index;
+    return put_uint(arg, NVML_DEVICE_ARCH_HOPPER);
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetArchitecture(nvmlDevice_t device, unsigned int *arch)
 {
-    struct state st;
-    unsigned int index = 0;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS)
-        rc = device_of(&st, device, &index);
-    if (rc == NVML_SUCCESS) {
-        if (arch == NULL)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else
-            *arch = NVML_DEVICE_ARCH_HOPPER;
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_device(device, get_architecture, arch);
 }
 
 /* ---- evidence -------------------------------------------------------------------------- */
 
+static nvmlReturn_t get_report(const struct state *st, unsigned int index, void *arg)
+{
+    nvmlConfComputeGpuAttestationReport_t *report = arg;
+    if (report == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!st->cc)
+        return NVML_ERROR_NOT_SUPPORTED;
+    return build_report(st, index, report);
+}
+
 EXPORT nvmlReturn_t nvmlDeviceGetConfComputeGpuAttestationReport(
     nvmlDevice_t device, nvmlConfComputeGpuAttestationReport_t *gpuAtstReport)
 {
-    struct state st;
-    unsigned int index = 0;
-    nvmlReturn_t rc;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS)
-        rc = device_of(&st, device, &index);
-    if (rc == NVML_SUCCESS) {
-        if (gpuAtstReport == NULL)
-            rc = NVML_ERROR_INVALID_ARGUMENT;
-        else if (!st.cc)
-            rc = NVML_ERROR_NOT_SUPPORTED;
-        else
-            rc = build_report(&st, index, gpuAtstReport);
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_device(device, get_report, gpuAtstReport);
+}
+
+static nvmlReturn_t get_certificate(const struct state *st, unsigned int index, void *arg)
+{
+    nvmlConfComputeGpuCertificate_t *cert = arg;
+    long n;
+    (void)index;
+    if (cert == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!st->cc)
+        return NVML_ERROR_NOT_SUPPORTED;
+    memset(cert, 0, sizeof *cert);
+    n = read_sibling(st, "cert-chain.pem", cert->certChain, sizeof cert->certChain);
+    if (n < 0)
+        return NVML_ERROR_UNKNOWN;
+    cert->certChainSize = (unsigned int)n;
+    n = read_sibling(st, "attestation-cert-chain.pem", cert->attestationCertChain,
+                     sizeof cert->attestationCertChain);
+    if (n < 0)
+        return NVML_ERROR_UNKNOWN;
+    cert->attestationCertChainSize = (unsigned int)n;
+    return NVML_SUCCESS;
 }
 
 EXPORT nvmlReturn_t nvmlDeviceGetConfComputeGpuCertificate(
     nvmlDevice_t device, nvmlConfComputeGpuCertificate_t *gpuCert)
 {
-    struct state st;
-    unsigned int index = 0;
-    nvmlReturn_t rc;
-    long n;
-    pthread_mutex_lock(&g_lock);
-    rc = enter(&st);
-    if (rc == NVML_SUCCESS)
-        rc = device_of(&st, device, &index);
-    if (rc == NVML_SUCCESS && gpuCert == NULL)
-        rc = NVML_ERROR_INVALID_ARGUMENT;
-    if (rc == NVML_SUCCESS && !st.cc)
-        rc = NVML_ERROR_NOT_SUPPORTED;
-    if (rc == NVML_SUCCESS) {
-        memset(gpuCert, 0, sizeof *gpuCert);
-        n = read_sibling(&st, "cert-chain.pem", gpuCert->certChain, sizeof gpuCert->certChain);
-        if (n < 0) {
-            rc = NVML_ERROR_UNKNOWN;
-        } else {
-            gpuCert->certChainSize = (unsigned int)n;
-            n = read_sibling(&st, "attestation-cert-chain.pem", gpuCert->attestationCertChain,
-                             sizeof gpuCert->attestationCertChain);
-            if (n < 0)
-                rc = NVML_ERROR_UNKNOWN;
-            else
-                gpuCert->attestationCertChainSize = (unsigned int)n;
-        }
-    }
-    pthread_mutex_unlock(&g_lock);
-    return rc;
+    return with_device(device, get_certificate, gpuCert);
 }
