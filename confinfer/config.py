@@ -58,6 +58,9 @@ class Config:
     skr_tool: Path | None = None
     # TLS trust for MAA and Key Vault; None means the system store.
     ca_bundle: Path | None = None
+    # Roots that Key Vault's signed release answer (its x5c chain) must lead to; None means
+    # ca_bundle, else the system store.
+    keyvault_release_ca_bundle: Path | None = None
     # vTPM
     tpm_tcti: str = "device:/dev/tpmrm0"
     # GPU
@@ -68,6 +71,11 @@ class Config:
     # Upper bound on what one unseal may write.
     max_bytes: int | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def release_roots(self) -> Path | None:
+        """Where the roots for Key Vault's release signature come from (None: the system)."""
+        return self.keyvault_release_ca_bundle or self.ca_bundle
 
     @property
     def imds(self) -> str:
@@ -165,11 +173,12 @@ def _validate(cfg: Config) -> None:
             f"expected one of {', '.join(SKR_ALGORITHMS)}",
             reason="config-invalid",
         )
-    if cfg.ca_bundle is not None and not cfg.ca_bundle.is_file():
-        raise ConfigError(
-            f"{origin('ca_bundle')}: key 'ca_bundle' = '{cfg.ca_bundle}': no such file",
-            reason="config-invalid",
-        )
+    for key in ("ca_bundle", "keyvault_release_ca_bundle"):
+        path = getattr(cfg, key)
+        if path is not None and not path.is_file():
+            raise ConfigError(
+                f"{origin(key)}: key {key!r} = '{path}': no such file", reason="config-invalid"
+            )
 
 
 def load(

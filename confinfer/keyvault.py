@@ -142,7 +142,7 @@ def _invalid(message: str) -> KeyReleaseError:
         f"Key Vault's release answer does not verify: {message}",
         reason="release-signature-invalid",
         hint="the answer did not come from Key Vault unaltered; check the vault URL and the "
-        "network path, and the trust anchor (ca_bundle)",
+        "network path, and the trust anchor (keyvault_release_ca_bundle, else ca_bundle)",
     )
 
 
@@ -157,7 +157,10 @@ def b64url_decode(text: str) -> bytes:
 
 
 def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
-    """The roots a release JWS's ``x5c`` chain must lead to: ``ca_bundle``, else the system's."""
+    """The roots a release JWS's ``x5c`` chain must lead to: ``ca_bundle``, else the system's.
+
+    Callers pass ``Config.release_roots``: ``keyvault_release_ca_bundle``, else ``ca_bundle``.
+    """
     if ca_bundle is not None:
         paths = [ca_bundle]
     else:
@@ -180,7 +183,7 @@ def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
         raise KeyReleaseError(
             "no trust anchors to verify Key Vault's release signature with",
             reason="trust-anchor-invalid",
-            hint="install the system CA bundle or set ca_bundle",
+            hint="install the system CA bundle or set keyvault_release_ca_bundle",
         )
     return roots
 
@@ -554,7 +557,7 @@ def release_key(
             f"{', '.join(SKR_ALGORITHMS)}",
             reason="usage",
         )
-    roots = trust_anchors(cfg.ca_bundle)
+    roots = trust_anchors(cfg.release_roots)
     start = time.perf_counter()
     credential = _TimedCredential(managed_identity_credential(cfg), cfg.imds, on_step)
     try:

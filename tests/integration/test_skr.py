@@ -418,6 +418,24 @@ def test_release_signed_by_an_untrusted_ca_is_refused(
     assert "does not lead to a trusted root" in err.message
 
 
+def test_unseal_refuses_a_release_answer_from_outside_the_configured_roots(
+    testbed: RunningTestbed, tmp_path: Path
+) -> None:
+    """TLS to the vault is trusted, but its signed answer must lead to the release roots."""
+    src, pkg = model(tmp_path), tmp_path / "pkg"
+    kid = testbed.env["CONFINFER_KEY_ID"]
+    assert confinfer(testbed, "seal", str(src), "--out", str(pkg), "--key-id", kid).returncode == 0
+    other = tmp_path / "other-ca.pem"
+    other.write_bytes(Trust.create().ca.cert_pem)
+    refused = confinfer(testbed, "unseal", str(pkg), "--dest", str(tmp_path / "dest"), "--skr",
+                        CONFINFER_KEYVAULT_RELEASE_CA_BUNDLE=str(other))
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-2].startswith(
+        "confinfer: release-signature-invalid: Key Vault's release answer does not verify"
+    ), refused.stderr
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+
+
 # --- the AzureAttestSKR backend ------------------------------------------------------------
 
 FAKE_TOOL = r'''#!{python}

@@ -112,3 +112,16 @@ def test_parse_size(text: str, value: int) -> None:
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
         config.parse_size(text)
+
+
+def test_release_roots_default_to_the_tls_bundle(tmp_path: Path) -> None:
+    tls, release = tmp_path / "tls.pem", tmp_path / "release.pem"
+    tls.write_text("x", encoding="utf-8")
+    release.write_text("y", encoding="utf-8")
+    assert config.load(tmp_path, environ={}).release_roots is None
+    cfg = config.load(tmp_path, environ={"CONFINFER_CA_BUNDLE": str(tls)})
+    assert cfg.release_roots == tls
+    cfg = config.override(cfg, keyvault_release_ca_bundle=release)
+    assert cfg.release_roots == release
+    with pytest.raises(ConfigError, match=r"key 'keyvault_release_ca_bundle' = '/no/such\.pem'"):
+        config.override(cfg, keyvault_release_ca_bundle=Path("/no/such.pem"))
