@@ -260,19 +260,26 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def measure(
-    m: Measurement, argv: Sequence[str], output: Path, repeat: int, scratch: Path
-) -> None:
-    """One warm-up run, then ``repeat`` measured runs; ``output`` is removed after each."""
-    log(f"{m.key}: {m.label}")
+Run = tuple[Measurement, Sequence[str], Path]  # what, the command, the output it makes
+
+
+def measure(runs: Sequence[Run], repeat: int, scratch: Path) -> None:
+    """One warm-up round, then ``repeat`` measured rounds, each running every command once.
+
+    Interleaving the commands round by round means a change in the machine's load during the
+    benchmark affects a command and its baseline alike, rather than whichever ran later.
+    ``output`` is removed after each run.
+    """
+    log("measuring, interleaved: " + ", ".join(f"{m.key}: {m.label}" for m, _, _ in runs))
     for i in range(repeat + 1):
-        remove(output)
-        os.sync()  # do not let one run's writeback land in the next run's time
-        wall, rss = timed(argv, scratch)
-        if i:
-            m.walls_s.append(wall)
-            m.rss_kib.append(rss)
-    remove(output)
+        for m, argv, output in runs:
+            remove(output)
+            os.sync()  # do not let one run's writeback land in the next run's time
+            wall, rss = timed(argv, scratch)
+            if i:
+                m.walls_s.append(wall)
+                m.rss_kib.append(rss)
+            remove(output)
 
 
 def model_root(tree: Path) -> Path:
@@ -335,33 +342,35 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
             remove(out)
 
         unseal = [confinfer, "unseal", "--dest", str(out), "--kek-private-key", str(private_pem)]
-        cmds = {
-            "a": (["tar", "-xf", str(plain_tar), "-C", str(out)], "tar -x (plaintext tar)", None),
-            "b": ([*unseal, str(sealed_pkg)], "confinfer unseal (sealed)", "a"),
-            "c": ([*unseal, str(tutorial_pkg)], "confinfer unseal (tutorial layout)", "a"),
-        }
         # tar -x needs its target directory; the unseals create theirs.
         tar_x = ["sh", "-c", 'mkdir "$1" && exec tar -xf "$2" -C "$1"', "sh", str(out),
                  str(plain_tar)]  # fmt: skip
-        cmds["a"] = (tar_x, cmds["a"][1], None)
+        cmds = {
+            "a": (tar_x, "tar -x (plaintext tar)", None),
+            "b": ([*unseal, str(sealed_pkg)], "confinfer unseal (sealed)", "a"),
+            "c": ([*unseal, str(tutorial_pkg)], "confinfer unseal (tutorial layout)", "a"),
+        }
         for key, (argv, _label, _base) in cmds.items():
             check_output(key, argv)
         if not verify["a"] == verify["b"] == verify["c"]:
             raise CommandFailed("unsealed trees differ from the plaintext tar's")
         log(f"outputs verified ({len(verify['a'])} files identical)")
-        for key, (argv, label, base) in cmds.items():
+        for key, (_argv, label, base) in cmds.items():
             results[key] = Measurement(key, label, base)
-            measure(results[key], argv, out, args.repeat, work)
+        measure([(results[k], argv, out) for k, (argv, _, _) in cmds.items()], args.repeat, work)
 
     seal_out = work / "seal-out"
     tar_out = work / "seal-baseline.tar"
     results["d0"] = Measurement("d0", "tar -cf (model dir)", None)
-    measure(results["d0"], ["tar", "-cf", str(tar_out), "-C", str(src), MODEL_NAME], tar_out,
-            args.repeat, work)  # fmt: skip
     results["d"] = Measurement("d", "confinfer seal", "d0")
-    measure(results["d"], [confinfer, "seal", str(model), "--out", str(seal_out),
-                           "--kek-public-key", str(public_pem)], seal_out, args.repeat,
-            work)  # fmt: skip
+    measure(
+        [
+            (results["d0"], ["tar", "-cf", str(tar_out), "-C", str(src), MODEL_NAME], tar_out),
+            (results["d"], [confinfer, "seal", str(model), "--out", str(seal_out),
+                            "--kek-public-key", str(public_pem)], seal_out),
+        ],
+        args.repeat, work,
+    )  # fmt: skip
     _, floor_kib = timed(["true"], work)
     return report(results, args, model_bytes, floor_kib)
 
