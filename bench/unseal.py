@@ -65,6 +65,10 @@ class Measurement:
         return statistics.median(self.walls_s)
 
     @property
+    def min_s(self) -> float:
+        return min(self.walls_s)
+
+    @property
     def peak_rss_mib(self) -> float:
         return max(self.rss_kib) / 1024
 
@@ -380,12 +384,16 @@ def report(
 ) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     lines = [
-        f"{'':4}{'measurement':36}{'median s':>9}{'GiB/s':>7}{'ratio':>7}{'peak RSS':>10}  verdict",
+        f"{'':4}{'measurement':36}{'median s':>9}{'GiB/s':>7}{'ratio':>7}{'min ratio':>10}"
+        f"{'peak RSS':>10}  verdict",
     ]
     lines.append("-" * len(lines[0]))
     for key in ("a", "b", "c", "d0", "d"):
         m = results[key]
         ratio = m.median_s / results[m.baseline].median_s if m.baseline else None
+        # Best run against best run: noise only ever adds time, so this shows the cost of
+        # the work itself. The verdict stays on the (stricter, noisier) median ratio.
+        min_ratio = m.min_s / results[m.baseline].min_s if m.baseline else None
         checks: dict[str, bool] = {}
         if key in TARGETS and ratio is not None:
             checks[f"ratio <= {TARGETS[key]:g}"] = ratio <= TARGETS[key]
@@ -398,6 +406,8 @@ def report(
                 "median_s": m.median_s,
                 "gib_per_s": model_bytes / GiB / m.median_s,
                 "ratio": ratio,
+                "min_s": m.min_s,
+                "min_ratio": min_ratio,
                 "peak_rss_mib": m.peak_rss_mib,
                 "checks": checks,
                 "verdict": verdict,
@@ -407,7 +417,8 @@ def report(
         why = f"  (missed: {', '.join(failed)})" if failed else ""
         lines.append(
             f"{key:4}{m.label:36}{m.median_s:9.3f}{model_bytes / GiB / m.median_s:7.2f}"
-            f"{'-' if ratio is None else f'{ratio:.2f}':>7}{m.peak_rss_mib:7.1f} MiB"
+            f"{'-' if ratio is None else f'{ratio:.2f}':>7}"
+            f"{'-' if min_ratio is None else f'{min_ratio:.2f}':>10}{m.peak_rss_mib:7.1f} MiB"
             f"  {verdict}{why}"
         )
     overall = "FAIL" if any(row["verdict"] == "FAIL" for row in rows) else "PASS"
