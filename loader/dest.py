@@ -33,6 +33,11 @@ LOG = logging.getLogger(__name__)
 
 # Linux limits: PATH_MAX counts the terminating NUL, NAME_MAX is per component (bytes).
 MAX_PATH_BYTES = 4095
+# Largest single write into a file. Writes of 2 MiB and more make the kernel allocate
+# huge page-cache folios, which on a fragmented machine means direct compaction: measured
+# here, 2 GiB written in 4 MiB calls took 0.4 s to 5.6 s of system time from run to run, in
+# 256-512 KiB calls a steady 0.45 s. Every writer of model bytes slices its writes to this.
+WRITE_SLICE = 512 * 1024
 MAX_NAME_BYTES = 255
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -37,7 +37,7 @@ import struct
 from pathlib import PurePosixPath
 
 from confinfer.errors import ConfinferError, FormatError, UnsafeArchiveError
-from loader.dest import Destination, no_space_error, safe_relpath
+from loader.dest import WRITE_SLICE, Destination, no_space_error, safe_relpath
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -397,7 +397,7 @@ class TarExtractor:
     def _write(self, chunk: memoryview) -> None:
         while chunk:
             try:
-                written = os.write(self._fd, chunk)
+                written = os.write(self._fd, chunk[:WRITE_SLICE])
             except OSError as exc:
                 raise _write_error(exc, self._name) from exc
             chunk = chunk[written:]

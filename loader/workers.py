@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 
 from loader import signals
+from loader.dest import WRITE_SLICE
 
 # Memory all workers' buffers may take together: with the interpreter and libraries (~31 MiB)
 # this keeps an unseal under 64 MiB of peak RSS.
@@ -179,10 +180,18 @@ class OpenFiles:
 
 
 def pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
-    """Write ``buffers`` back to back at ``offset``, retrying short writes."""
+    """Write ``buffers`` back to back at ``offset`` in calls of at most WRITE_SLICE bytes,
+    retrying short writes."""
     views = [b for b in buffers if len(b)]
     while views:
-        written = os.pwritev(fd, views, offset)
+        # One call takes up to WRITE_SLICE bytes, across buffers (a chunk's tail and its tag).
+        batch, room = [], WRITE_SLICE
+        for view in views:
+            if not room:
+                break
+            batch.append(view[:room])
+            room -= len(batch[-1])
+        written = os.pwritev(fd, batch, offset)
         if written <= 0:  # pragma: no cover - a regular file never takes nothing
             raise OSError(errno.EIO, "pwritev wrote nothing")
         offset += written
