@@ -25,13 +25,13 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from confinfer.closable import Closable
 from confinfer.config import Config
 from confinfer.errors import (
     AttestationError,
@@ -113,7 +113,7 @@ class Timings:
             )
 
 
-class KekPrivateKey:
+class KekPrivateKey(Closable):
     """The released KEK. It only unwraps DEKs; :meth:`close` drops it.
 
     The private key lives in OpenSSL memory, which OpenSSL clears when the key is freed
@@ -162,17 +162,6 @@ class KekPrivateKey:
 
     def close(self) -> None:
         self._key = None
-
-    def __enter__(self) -> KekPrivateKey:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def unwrap_dek(kek: KekPrivateKey, wrapped_dek: bytes) -> bytearray:

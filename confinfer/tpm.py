@@ -23,12 +23,12 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn
 
 from cryptography import x509
 
 from confinfer import hcl
+from confinfer.closable import Closable
 from confinfer.errors import TpmError
 
 # The TSS libraries print their own error lines to stderr; failures are reported here as one
@@ -189,7 +189,7 @@ def _tss_error(
     return TpmError(f"{action}: {exc}", reason="tpm-error")
 
 
-class Vtpm:
+class Vtpm(Closable):
     """One ESAPI connection to the vTPM. Use as a context manager."""
 
     def __init__(self, tcti: str) -> None:
@@ -205,16 +205,6 @@ class Vtpm:
         except (ValueError, RuntimeError) as exc:  # a malformed TCTI string
             raise TpmError(f"connect: bad TCTI {tcti!r}: {exc}", reason="tpm-unreachable") from None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         if self._esys is None:

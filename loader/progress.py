@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from types import TracebackType
 from typing import TextIO
+
+from confinfer.closable import Closable
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -29,7 +30,7 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-class Progress:
+class Progress(Closable):
     """Counts bytes; draws ``label  42.0%  1.2 GiB / 2.9 GiB  1.1 GiB/s  ETA 0:02``."""
 
     def __init__(
@@ -116,13 +117,3 @@ class Progress:
             except (OSError, ValueError):
                 pass
 
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

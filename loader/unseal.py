@@ -22,9 +22,9 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
+from confinfer.closable import Closable
 from confinfer.errors import IntegrityError, KeyUnwrapError, UsageError
 from loader import format as fmt
 from loader.aead import ChunkCipher, derive_chunk_key, verify_header_tag
@@ -35,7 +35,7 @@ from loader.workers import OpenFiles, pwrite_all, run_chunks
 
 
 @dataclass
-class SealedPackage:
+class SealedPackage(Closable):
     """An open ``model.sealed``: its descriptor, size and (not yet authenticated) header."""
 
     path: Path
@@ -78,17 +78,6 @@ class SealedPackage:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def __enter__(self) -> SealedPackage:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def inspect_package(pkg_dir: Path) -> dict[str, Any]:
