@@ -43,6 +43,7 @@ from cryptography.x509.verification import (
 
 from confinfer.config import SKR_ALGORITHMS, Config
 from confinfer.errors import KeyReleaseError, ServiceError, UsageError
+from confinfer.token import decode_b64url
 
 if TYPE_CHECKING:
     from azure.keyvault.keys import KeyClient
@@ -146,16 +147,6 @@ def _invalid(message: str) -> KeyReleaseError:
     )
 
 
-def b64url_decode(text: str) -> bytes:
-    """Decode base64url with or without padding; raises ValueError on anything else."""
-    if not isinstance(text, str) or any(c in text for c in "+/ \n\r\t"):
-        raise ValueError("not base64url")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
-
-
 def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
     """The roots a release JWS's ``x5c`` chain must lead to: ``ca_bundle``, else the system's.
 
@@ -239,9 +230,9 @@ def verify_release(
     if len(parts) != 3 or not all(parts):
         raise _invalid("the answer is not a signed compact JWS")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        payload = json.loads(b64url_decode(parts[1]))
-        signature = b64url_decode(parts[2])
+        header = json.loads(decode_b64url(parts[0]))
+        payload = json.loads(decode_b64url(parts[1]))
+        signature = decode_b64url(parts[2])
     except (ValueError, UnicodeDecodeError):
         raise _invalid("the JWS is not base64url-encoded JSON") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):

@@ -41,7 +41,8 @@ from confinfer.errors import (
     PolicyError,
     UsageError,
 )
-from confinfer.keyvault import KeyId, ReleasedKey, b64url_decode, release_key, release_policy
+from confinfer.keyvault import KeyId, ReleasedKey, release_key, release_policy
+from confinfer.token import decode_b64url
 
 if TYPE_CHECKING:
     import requests
@@ -194,13 +195,13 @@ class TransferBlob:
 def parse_transfer_blob(key_hsm: str) -> TransferBlob:
     """Decode ``key_hsm``: base64url JSON ``{"header": {...,"enc"}, "ciphertext": b64url}``."""
     try:
-        blob = json.loads(b64url_decode(key_hsm))
+        blob = json.loads(decode_b64url(key_hsm))
     except (ValueError, UnicodeDecodeError):
         raise _blob_invalid("key_hsm is not base64url-encoded JSON") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("ciphertext"), str):
         raise _blob_invalid("key_hsm has no ciphertext")
     try:
-        ciphertext = b64url_decode(blob["ciphertext"])
+        ciphertext = decode_b64url(blob["ciphertext"])
     except ValueError:
         raise _blob_invalid("the ciphertext is not base64url") from None
     header = blob.get("header")
@@ -262,7 +263,7 @@ def _released_public_n(released: ReleasedKey) -> int | None:
     if not isinstance(n, str):
         return None
     try:
-        return int.from_bytes(b64url_decode(n), "big")
+        return int.from_bytes(decode_b64url(n), "big")
     except ValueError:
         return None
 
@@ -336,7 +337,7 @@ def transfer_key_bytes(claims: Mapping[str, Any]) -> int:
                 jwk.get("key_use") == "enc"
             ):
                 try:
-                    return len(b64url_decode(str(jwk.get("n", "")))) or DEFAULT_TRANSFER_KEY_BYTES
+                    return len(decode_b64url(str(jwk.get("n", "")))) or DEFAULT_TRANSFER_KEY_BYTES
                 except ValueError:
                     break
     return DEFAULT_TRANSFER_KEY_BYTES

@@ -59,14 +59,22 @@ def _fail(reason: str, message: str) -> AttestationError:
     return AttestationError(f"attestation token: {message}", reason=reason)
 
 
-def b64url_decode(text: str, what: str) -> bytes:
-    """Decode unpadded (or padded) base64url strictly; raise token-malformed otherwise."""
-    body = text.rstrip("=")
-    if not _B64URL.fullmatch(body) or len(body) % 4 == 1:
-        raise _fail("token-malformed", f"{what} is not base64url")
+def decode_b64url(text: str) -> bytes:
+    """Decode unpadded (or padded) base64url strictly; raise ValueError otherwise."""
+    body = text.rstrip("=") if isinstance(text, str) else ""
+    if not isinstance(text, str) or not _B64URL.fullmatch(body) or len(body) % 4 == 1:
+        raise ValueError("not base64url")
     try:
         return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
     except (binascii.Error, ValueError):
+        raise ValueError("not base64url") from None
+
+
+def b64url_decode(text: str, what: str) -> bytes:
+    """:func:`decode_b64url`, failing as token-malformed with ``what`` named."""
+    try:
+        return decode_b64url(text)
+    except ValueError:
         raise _fail("token-malformed", f"{what} is not base64url") from None
 
 
