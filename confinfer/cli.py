@@ -19,9 +19,10 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from types import FrameType
+from typing import NoReturn
 
 from confinfer import __version__, log
-from confinfer.errors import ConfinferError, Interrupted
+from confinfer.errors import ConfinferError, Interrupted, Kind, printable
 
 LOG = logging.getLogger("confinfer")
 
@@ -32,8 +33,16 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(f"stopped by {signal.Signals(signum).name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose syntax errors exit 64 (EX_USAGE) like every other usage failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(Kind.USAGE.exit_code, f"{self.prog}: error: {printable(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="confinfer",
         description="Confidential LLM inference: seal models, attest, release keys, serve.",
     )
@@ -65,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
         print(f"{prefix}confinfer: {exc.one_line()}", file=sys.stderr)
         if exc.hint:
-            print(f"{prefix}hint: {exc.hint}", file=sys.stderr)
+            print(f"{prefix}hint: {printable(exc.hint)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         return 1

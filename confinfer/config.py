@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from confinfer.errors import ConfigError
+from confinfer.errors import ConfigError, Reason
 
 CONFIG_DIR = Path("/etc/confinfer")
 ENV_PREFIX = "CONFINFER_"
@@ -95,7 +95,7 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
 
     def bad(why: str) -> ConfigError:
         return ConfigError(
-            f"{origin}: key {name!r} = {raw!r}: {why}", reason="config-invalid"
+            f"{origin}: key {name!r} = {raw!r}: {why}", reason=Reason.CONFIG_INVALID
         )
 
     if raw == "" and "None" in kind:
@@ -153,31 +153,31 @@ def _validate(cfg: Config) -> None:
         if url.scheme != "https" or not url.netloc:
             raise ConfigError(
                 f"{origin(key)}: key {key!r} = {value!r}: expected an https:// URL",
-                reason="config-invalid",
+                reason=Reason.CONFIG_INVALID,
             )
     for issuer in cfg.maa_allowed_issuers:
         if not issuer.startswith("https://"):
             raise ConfigError(
                 f"{origin('maa_allowed_issuers')}: key 'maa_allowed_issuers' = {issuer!r}: "
                 "expected https:// URLs",
-                reason="config-invalid",
+                reason=Reason.CONFIG_INVALID,
             )
     if cfg.imds_url is not None and not cfg.imds_url.startswith(("http://", "https://")):
         raise ConfigError(
             f"{origin('imds_url')}: key 'imds_url' = {cfg.imds_url!r}: expected an http(s):// URL",
-            reason="config-invalid",
+            reason=Reason.CONFIG_INVALID,
         )
     if cfg.skr_algorithm not in SKR_ALGORITHMS:
         raise ConfigError(
             f"{origin('skr_algorithm')}: key 'skr_algorithm' = {cfg.skr_algorithm!r}: "
             f"expected one of {', '.join(SKR_ALGORITHMS)}",
-            reason="config-invalid",
+            reason=Reason.CONFIG_INVALID,
         )
     for key in ("ca_bundle", "keyvault_release_ca_bundle"):
         path = getattr(cfg, key)
         if path is not None and not path.is_file():
             raise ConfigError(
-                f"{origin(key)}: key {key!r} = '{path}': no such file", reason="config-invalid"
+                f"{origin(key)}: key {key!r} = '{path}': no such file", reason=Reason.CONFIG_INVALID
             )
 
 
@@ -193,10 +193,10 @@ def load(
             try:
                 data = tomllib.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-                raise ConfigError(f"{path}: cannot parse: {exc}", reason="config-invalid") from None
+                raise ConfigError(f"{path}: cannot parse: {exc}", reason=Reason.CONFIG_INVALID) from None
             for key, raw in data.items():
                 if key not in _FIELDS:
-                    raise ConfigError(f"{path}: unknown key {key!r}", reason="config-invalid")
+                    raise ConfigError(f"{path}: unknown key {key!r}", reason=Reason.CONFIG_INVALID)
                 values[key] = _coerce(key, raw, str(path))
                 sources[key] = str(path)
     for key in _FIELDS:
@@ -217,7 +217,7 @@ def override(cfg: Config, **flags: Any) -> Config:
     given = {k: v for k, v in flags.items() if v is not None}
     for key in given:
         if key not in _FIELDS:
-            raise ConfigError(f"unknown configuration key {key!r}", reason="config-invalid")
+            raise ConfigError(f"unknown configuration key {key!r}", reason=Reason.CONFIG_INVALID)
     sources = dict(cfg.sources)
     sources.update({k: f"--{k.replace('_', '-')}" for k in given})
     new = dataclasses.replace(cfg, **given, sources=sources)

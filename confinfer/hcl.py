@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from confinfer.errors import AttestationError
+from confinfer.errors import AttestationError, Reason
 
 SIGNATURE = b"HCLA"
 HEADER_SIZE = 0x20
@@ -52,7 +52,7 @@ USER_DATA_SIZE = 64
 
 
 def _invalid(message: str) -> AttestationError:
-    return AttestationError(f"HCL report: {message}", reason="hcl-report-invalid")
+    return AttestationError(f"HCL report: {message}", reason=Reason.HCL_REPORT_INVALID)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class HclReport:
         if self.report_type != REPORT_TYPE_SNP:
             raise AttestationError(
                 f"HCL report carries a {self.report_type_name} report, not SEV-SNP",
-                reason="hcl-report-unsupported",
+                reason=Reason.HCL_REPORT_UNSUPPORTED,
             )
         return self.hardware_report
 
@@ -121,14 +121,14 @@ class HclReport:
         if name is None:
             raise AttestationError(
                 f"HCL report: unsupported REPORT_DATA hash type {self.hash_type}",
-                reason="hcl-report-unsupported",
+                reason=Reason.HCL_REPORT_UNSUPPORTED,
             )
         digest = hashlib.new(name, self.runtime_data).digest()
         expected = digest + bytes(64 - len(digest))
         if not hmac.compare_digest(self.report_data, expected):
             raise AttestationError(
                 "HCL report: REPORT_DATA does not bind the runtime claims",
-                reason="hcl-report-binding",
+                reason=Reason.HCL_REPORT_BINDING,
                 hint="the vTPM's report is inconsistent; read it again after a refresh",
             )
 

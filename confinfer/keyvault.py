@@ -42,7 +42,7 @@ from cryptography.x509.verification import (
 )
 
 from confinfer.config import SKR_ALGORITHMS, Config
-from confinfer.errors import KeyReleaseError, ServiceError, UsageError
+from confinfer.errors import KeyReleaseError, Reason, ServiceError, UsageError
 from confinfer.token import decode_b64url
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ class KeyId:
         ):
             raise UsageError(
                 f"not a Key Vault key id: {kid!r}",
-                reason="key-id-invalid",
+                reason=Reason.KEY_ID_INVALID,
                 hint="expected https://<vault>.vault.azure.net/keys/<name>[/<version>]",
             )
         return cls(
@@ -141,7 +141,7 @@ class ReleasedKey:
 def _invalid(message: str) -> KeyReleaseError:
     return KeyReleaseError(
         f"Key Vault's release answer does not verify: {message}",
-        reason="release-signature-invalid",
+        reason=Reason.RELEASE_SIGNATURE_INVALID,
         hint="the answer did not come from Key Vault unaltered; check the vault URL and the "
         "network path, and the trust anchor (keyvault_release_ca_bundle, else ca_bundle)",
     )
@@ -168,12 +168,12 @@ def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
         except (OSError, ValueError) as exc:
             if ca_bundle is not None:
                 raise KeyReleaseError(
-                    f"cannot read trust anchors from {path}: {exc}", reason="trust-anchor-invalid"
+                    f"cannot read trust anchors from {path}: {exc}", reason=Reason.TRUST_ANCHOR_INVALID
                 ) from None
     if not roots:
         raise KeyReleaseError(
             "no trust anchors to verify Key Vault's release signature with",
-            reason="trust-anchor-invalid",
+            reason=Reason.TRUST_ANCHOR_INVALID,
             hint="install the system CA bundle or set keyvault_release_ca_bundle",
         )
     return roots
@@ -263,29 +263,29 @@ def verify_release(
     except (KeyError, TypeError):
         raise KeyReleaseError(
             "Key Vault's release answer has no response.key.key with kid and key_hsm",
-            reason="release-answer-invalid",
+            reason=Reason.RELEASE_ANSWER_INVALID,
         ) from None
     if not isinstance(released_kid, str) or not isinstance(key_hsm, str):
         raise KeyReleaseError(
             "Key Vault's release answer has a malformed kid or key_hsm",
-            reason="release-answer-invalid",
+            reason=Reason.RELEASE_ANSWER_INVALID,
         )
     if not key_id.accepts(released_kid):
         raise KeyReleaseError(
             f"Key Vault released {released_kid!r} where {key_id} was asked for",
-            reason="release-key-mismatch",
+            reason=Reason.RELEASE_KEY_MISMATCH,
         )
     request = payload.get("request")
     echoed = request if isinstance(request, dict) else {}
     if nonce is not None and echoed.get("nonce") != nonce:
         raise KeyReleaseError(
             "Key Vault's release answer does not echo this request's nonce (a replayed answer?)",
-            reason="release-nonce-mismatch",
+            reason=Reason.RELEASE_NONCE_MISMATCH,
         )
     if algorithm is not None and "enc" in echoed and echoed["enc"] != algorithm:
         raise KeyReleaseError(
             f"Key Vault wrapped the key with {echoed['enc']!r} where {algorithm} was asked for",
-            reason="release-answer-invalid",
+            reason=Reason.RELEASE_ANSWER_INVALID,
         )
     return ReleasedKey(jws=jws, payload=payload)
 
@@ -317,14 +317,14 @@ class _TimedCredential:
             raise ServiceError(
                 f"no managed-identity token: IMDS at {self._imds} did not answer "
                 f"({_first_line(str(exc))})",
-                reason="imds-unavailable",
+                reason=Reason.IMDS_UNAVAILABLE,
                 hint="run this on an Azure VM with a managed identity, or check that IMDS "
                 "(169.254.169.254) is reachable from this process",
             ) from None
         except ClientAuthenticationError as exc:
             raise ServiceError(
                 f"IMDS refused a managed-identity token: {_first_line(str(exc))}",
-                reason="imds-token-refused",
+                reason=Reason.IMDS_TOKEN_REFUSED,
                 hint="assign a managed identity to the VM; with several, set "
                 "managed_identity_client_id",
             ) from None
@@ -412,13 +412,13 @@ def _map_http_error(exc: Any, key_id: KeyId) -> Exception:
         if _inner_code(exc) in _ACCESS_DENIED_CODES:
             return KeyReleaseError(
                 f"Key Vault denied this identity the release of {key_id}: {said}",
-                reason="keyvault-forbidden",
+                reason=Reason.KEYVAULT_FORBIDDEN,
                 hint="grant the VM's managed identity the 'Key Vault Crypto Service Release "
                 "User' role (or keys/release in an access policy)",
             )
         return KeyReleaseError(
             f"Key Vault refused to release {key_id}: {said}",
-            reason="release-refused",
+            reason=Reason.RELEASE_REFUSED,
             details={"service_message": said},
             hint="compare the key's release policy with the attestation token's claims "
             "(`confinfer attest` prints them)",
@@ -426,24 +426,24 @@ def _map_http_error(exc: Any, key_id: KeyId) -> Exception:
     if status == 401:
         return ServiceError(
             f"Key Vault rejected the managed identity's token: {said}",
-            reason="keyvault-unauthorized",
+            reason=Reason.KEYVAULT_UNAUTHORIZED,
             hint="check that the managed identity belongs to the vault's tenant "
             "(managed_identity_client_id)",
         )
     if status == 404:
         return KeyReleaseError(
             f"Key Vault has no key {key_id}: {said}",
-            reason="key-not-found",
+            reason=Reason.KEY_NOT_FOUND,
             hint="check key_id (name and version) and the vault URL",
         )
     if status is not None and (status >= 500 or status == 429):
         return ServiceError(
             f"Key Vault kept failing ({status}) releasing {key_id}: {said}",
-            reason="keyvault-unavailable",
+            reason=Reason.KEYVAULT_UNAVAILABLE,
         )
     return KeyReleaseError(
         f"Key Vault could not release {key_id} ({status}): {said}",
-        reason="release-failed",
+        reason=Reason.KEYVAULT_FAILED,
     )
 
 
@@ -479,7 +479,7 @@ def _release_with_retries(
                 if delay is None:
                     raise ServiceError(
                         f"Key Vault is throttling key releases (Retry-After: {retry_after} s)",
-                        reason="keyvault-throttled",
+                        reason=Reason.KEYVAULT_THROTTLED,
                         hint=f"retry in {retry_after} s",
                     ) from None
                 attempt += 1
@@ -502,7 +502,7 @@ def _release_with_retries(
                 continue
             raise ServiceError(
                 f"Key Vault at {key_id.vault_url} is unreachable: {_first_line(str(exc))}",
-                reason="keyvault-unreachable",
+                reason=Reason.KEYVAULT_UNAVAILABLE,
                 hint="check DNS, the network path to the vault and ca_bundle",
             ) from None
 
@@ -546,7 +546,7 @@ def release_key(
         raise UsageError(
             f"unknown key-release algorithm {algorithm!r}; expected one of "
             f"{', '.join(SKR_ALGORITHMS)}",
-            reason="usage",
+            reason=Reason.USAGE,
         )
     roots = trust_anchors(cfg.release_roots)
     start = time.perf_counter()

@@ -38,7 +38,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from confinfer import hcl, token
-from confinfer.errors import AttestationError, ServiceError, UsageError
+from confinfer.errors import AttestationError, Reason, ServiceError, UsageError
 from confinfer.tpm import ATTESTATION_PCRS, EphemeralKey, rsa_numbers
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ def b64_any(text: Any, what: str) -> bytes:
 
 
 def _bad_response(message: str) -> AttestationError:
-    return AttestationError(f"MAA answer: {message}", reason="maa-bad-response")
+    return AttestationError(f"MAA answer: {message}", reason=Reason.MAA_BAD_RESPONSE)
 
 
 # --- HTTP with bounded retries --------------------------------------------------------------
@@ -146,7 +146,7 @@ def send(
         except requests.exceptions.SSLError as exc:
             raise ServiceError(
                 f"{service} at {url}: TLS verification failed ({exc.__class__.__name__})",
-                reason=f"{service}-tls",
+                reason=Reason(f"{service}-tls"),
                 hint="set ca_bundle (CONFINFER_CA_BUNDLE) to the CA that issued its certificate",
             ) from None
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -163,7 +163,7 @@ def send(
                      delay)
             sleep(delay)
     raise ServiceError(f"{service} at {url}: {last} after {attempts} attempt(s)",
-                       reason=f"{service}-unavailable")
+                       reason=Reason(f"{service}-unavailable"))
 
 
 def _error_message(reply: requests.Response) -> str:
@@ -217,26 +217,26 @@ def vcek_chain(http: requests.Session, cfg: Config) -> str:
     reply = send(http, "GET", url, cfg=cfg, service="imds", headers={"Metadata": "true"})
     if reply.status_code != 200:
         raise ServiceError(f"imds at {url}: HTTP {reply.status_code}: {_error_message(reply)}",
-                           reason="imds-unavailable")
+                           reason=Reason.IMDS_UNAVAILABLE)
     try:
         body = reply.json()
     except ValueError:
-        raise ServiceError(f"imds at {url}: not JSON", reason="imds-bad-response") from None
+        raise ServiceError(f"imds at {url}: not JSON", reason=Reason.IMDS_BAD_RESPONSE) from None
     vcek = body.get("vcekCert") if isinstance(body, dict) else None
     chain = body.get("certificateChain") if isinstance(body, dict) else None
     if not isinstance(vcek, str) or not isinstance(chain, str):
         raise ServiceError(f"imds at {url}: no vcekCert/certificateChain",
-                           reason="imds-bad-response")
+                           reason=Reason.IMDS_BAD_RESPONSE)
     pem = vcek if vcek.endswith("\n") else vcek + "\n"
     pem += chain
     try:
         certs = x509.load_pem_x509_certificates(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError):
         raise ServiceError(f"imds at {url}: the VCEK chain is not PEM certificates",
-                           reason="imds-bad-response") from None
+                           reason=Reason.IMDS_BAD_RESPONSE) from None
     if len(certs) < 2:
         raise ServiceError(f"imds at {url}: the VCEK chain has {len(certs)} certificate(s)",
-                           reason="imds-bad-response")
+                           reason=Reason.IMDS_BAD_RESPONSE)
     return pem
 
 
@@ -253,7 +253,7 @@ def _check_ak_binding(report: hcl.HclReport, ak_public: bytes) -> None:
     if not bound:
         raise AttestationError(
             "the HCL report's HCLAkPub is not the vTPM's AK at 0x81000003",
-            reason="hcl-ak-mismatch",
+            reason=Reason.HCL_AK_MISMATCH,
         )
 
 
@@ -262,9 +262,9 @@ def _client_payload(nonce: bytes, bound_data: Mapping[str, str] | None) -> dict[
     payload = {"nonce": b64(nonce)}
     for key, value in (bound_data or {}).items():
         if key == "nonce":
-            raise UsageError("bound data cannot use the key 'nonce'", reason="usage")
+            raise UsageError("bound data cannot use the key 'nonce'", reason=Reason.USAGE)
         if not isinstance(key, str) or not isinstance(value, str):
-            raise UsageError("bound data keys and values must be strings", reason="usage")
+            raise UsageError("bound data keys and values must be strings", reason=Reason.USAGE)
         payload[key] = b64(value.encode("utf-8"))
     return payload
 
@@ -355,7 +355,7 @@ def _open_envelope(vtpm: Vtpm, key: EphemeralKey, token_field: Any) -> str:
             plain = AESGCM(inner).decrypt(iv, ciphertext + tag, TRANSPORT_KEY_AAD)
         except InvalidTag:
             raise AttestationError("MAA answer does not decrypt (authentication failed)",
-                                   reason="maa-response-integrity") from None
+                                   reason=Reason.MAA_RESPONSE_INTEGRITY) from None
     finally:
         inner[:] = bytes(len(inner))
     try:
@@ -368,7 +368,7 @@ def _check_binding(claims: Mapping[str, Any], key: EphemeralKey,
                    payload: Mapping[str, str]) -> None:
     runtime = claims.get("x-ms-runtime")
     if not isinstance(runtime, Mapping):
-        raise AttestationError("token lacks x-ms-runtime", reason="maa-token-unbound")
+        raise AttestationError("token lacks x-ms-runtime", reason=Reason.MAA_TOKEN_UNBOUND)
     keys = runtime.get("keys")
     ours = False
     for jwk in keys if isinstance(keys, list) else []:
@@ -385,7 +385,7 @@ def _check_binding(claims: Mapping[str, Any], key: EphemeralKey,
     if not ours:
         raise AttestationError(
             "token's x-ms-runtime.keys does not hold this attestation's ephemeral key",
-            reason="maa-token-unbound",
+            reason=Reason.MAA_TOKEN_UNBOUND,
         )
     echoed = runtime.get("client-payload")
     echoed = echoed if isinstance(echoed, Mapping) else {}
@@ -394,7 +394,7 @@ def _check_binding(claims: Mapping[str, Any], key: EphemeralKey,
         if echoed.get(name) not in (sent, b64(sent.encode("ascii"))):
             raise AttestationError(
                 f"token's client payload does not echo our {name}",
-                reason="maa-token-unbound",
+                reason=Reason.MAA_TOKEN_UNBOUND,
             )
 
 
@@ -435,7 +435,7 @@ def attest(
         if reply.status_code != 200:
             raise AttestationError(
                 f"MAA refused the evidence (HTTP {reply.status_code}): {_error_message(reply)}",
-                reason="maa-refused",
+                reason=Reason.MAA_REFUSED,
             )
         try:
             answer = reply.json()
@@ -450,12 +450,12 @@ def attest(
                          headers={"Accept": "application/json"})
             if reply.status_code != 200:
                 raise ServiceError(f"{url} answered HTTP {reply.status_code}",
-                                   reason="token-jwks-unavailable")
+                                   reason=Reason.TOKEN_JWKS_UNAVAILABLE)
             try:
                 return reply.json()
             except ValueError:
                 raise AttestationError(f"{url} did not answer JSON",
-                                       reason="token-jwks-invalid") from None
+                                       reason=Reason.TOKEN_JWKS_INVALID) from None
 
         verified = token.verify(jwt, cfg, fetch=fetch)
         _check_binding(verified.claims, key, payload)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from confinfer.errors import ConfigError, PolicyError
+from confinfer.errors import ConfigError, PolicyError, Reason
 
 VERSION = "1.0.0"
 Value = str | int | float | bool
@@ -90,7 +90,7 @@ def normalise_issuer(url: str) -> str:
 
 
 def _invalid(where: str, message: str) -> ConfigError:
-    return ConfigError(f"release policy: {where}: {message}", reason="policy-invalid")
+    return ConfigError(f"release policy: {where}: {message}", reason=Reason.POLICY_INVALID)
 
 
 def _keys(obj: Mapping[Any, Any], where: str) -> dict[str, tuple[str, Any]]:
@@ -217,7 +217,7 @@ def load(path: Path) -> Policy:
         text = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the release policy: {exc.strerror}",
-                          reason="policy-invalid") from None
+                          reason=Reason.POLICY_INVALID) from None
     try:
         return parse(text)
     except ConfigError as exc:
@@ -335,7 +335,7 @@ def evaluate(policy: Policy | Mapping[str, Any] | str | bytes, claims: Mapping[s
         named = ", ".join(a.url for a in parsed.authorities)
         raise PolicyError(
             f"iss: token issuer {issuer!r} is not an authority of the policy ({named})",
-            reason="policy-untrusted-issuer",
+            reason=Reason.POLICY_UNTRUSTED_ISSUER,
             details={"claim": "iss", "expected": [a.url for a in parsed.authorities],
                      "actual": issuer},
         )
@@ -352,7 +352,7 @@ def evaluate(policy: Policy | Mapping[str, Any] | str | bytes, claims: Mapping[s
     actual = None if first.actual is MISSING else first.actual
     raise PolicyError(
         message,
-        reason="policy-unsatisfied",
+        reason=Reason.POLICY_UNSATISFIED,
         details={
             "claim": first.claim,
             "operator": first.operator,

@@ -39,6 +39,7 @@ from confinfer.errors import (
     KeyReleaseError,
     KeyUnwrapError,
     PolicyError,
+    Reason,
     UsageError,
 )
 from confinfer.keyvault import KeyId, ReleasedKey, release_key, release_policy
@@ -134,7 +135,7 @@ class KekPrivateKey(Closable):
 
     def _require(self) -> rsa.RSAPrivateKey:
         if self._key is None:
-            raise KeyUnwrapError("the released KEK has already been dropped", reason="kek-closed")
+            raise KeyUnwrapError("the released KEK has already been dropped", reason=Reason.KEK_CLOSED)
         return self._key
 
     def unwrap_dek(self, wrapped: bytes) -> bytearray:
@@ -156,7 +157,7 @@ class KekPrivateKey(Closable):
         except ValueError:
             raise KeyUnwrapError(
                 f"the wrapped DEK does not unwrap with the released KEK {self.kid}",
-                reason="key-unwrap",
+                reason=Reason.KEY_UNWRAP,
                 hint="the package was sealed for another key (check its key id) or is damaged",
             ) from None
         return bytearray(dek)
@@ -180,7 +181,7 @@ def zero(buf: bytearray) -> None:
 
 def _blob_invalid(message: str) -> KeyReleaseError:
     return KeyReleaseError(
-        f"the released key's transfer blob is invalid: {message}", reason="transfer-blob-invalid"
+        f"the released key's transfer blob is invalid: {message}", reason=Reason.TRANSFER_BLOB_INVALID
     )
 
 
@@ -282,7 +283,7 @@ def unwrap_transfer_blob(
     if kty not in ("RSA", "RSA-HSM"):
         raise KeyReleaseError(
             f"the released key {released.kid} is {kty!r}, not an RSA key that can unwrap DEKs",
-            reason="kek-not-rsa",
+            reason=Reason.KEK_NOT_RSA,
         )
     blob = parse_transfer_blob(released.key_hsm)
     # The blob's own header (covered by Key Vault's signature) wins over what we asked for.
@@ -310,13 +311,13 @@ def unwrap_transfer_blob(
     if not isinstance(key, rsa.RSAPrivateKey):
         raise KeyReleaseError(
             f"the released key {released.kid} is not an RSA key that can unwrap DEKs",
-            reason="kek-not-rsa",
+            reason=Reason.KEK_NOT_RSA,
         )
     expected_n = _released_public_n(released)
     if expected_n is not None and key.public_key().public_numbers().n != expected_n:
         raise KeyReleaseError(
             f"the private key in the transfer blob is not the released key {released.kid}",
-            reason="release-key-mismatch",
+            reason=Reason.RELEASE_KEY_MISMATCH,
         )
     return KekPrivateKey(key, released.kid)
 
@@ -347,13 +348,13 @@ def check_token_fresh(claims: Mapping[str, Any], now: dt.datetime | None = None)
     """Refuse a token that has expired before it is spent on a release."""
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise AttestationError("the MAA token has no exp claim", reason="maa-token-invalid")
+        raise AttestationError("the MAA token has no exp claim", reason=Reason.TOKEN_MALFORMED)
     moment = (now or dt.datetime.now(dt.UTC)).timestamp()
     if exp <= moment:
         expired = dt.datetime.fromtimestamp(exp, dt.UTC).isoformat(timespec="seconds")
         raise AttestationError(
             f"the MAA token expired at {expired}; Key Vault would refuse it",
-            reason="maa-token-expired",
+            reason=Reason.TOKEN_EXPIRED,
             hint="attest again (is the VM's clock right?)",
         )
 
@@ -467,7 +468,7 @@ def release_kek(
     if alg not in OAEP_HASHES:
         raise UsageError(
             f"unknown key-release algorithm {alg!r}; expected one of {', '.join(OAEP_HASHES)}",
-            reason="usage",
+            reason=Reason.USAGE,
         )
     timings = timings if timings is not None else Timings()
     start = time.perf_counter()
@@ -480,7 +481,7 @@ def release_kek(
                 nonce=nonce if nonce is not None else new_nonce(), on_step=timings.record,
             )
         except KeyReleaseError as exc:
-            if exc.reason == "release-refused":
+            if exc.reason == Reason.RELEASE_REFUSED:
                 raise explain_refusal(exc, cfg, kid, result.claims) from None
             raise
         kek = unwrap_transfer_blob(

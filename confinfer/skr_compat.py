@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from confinfer.config import Config
-from confinfer.errors import ConfigError, KeyReleaseError, ServiceError
+from confinfer.errors import ConfigError, KeyReleaseError, Reason, ServiceError
 
 DEK_BYTES = 32
 STDERR_TAIL_CHARS = 2000
@@ -74,7 +74,7 @@ def parse_output(stdout: bytes) -> bytearray:
     raise KeyReleaseError(
         f"the key-release tool printed {len(stdout)} bytes, neither a {DEK_BYTES}-byte key nor "
         "its base64",
-        reason="skr-tool-output",
+        reason=Reason.SKR_TOOL_OUTPUT,
         hint="check that the tool is AzureAttestSKR and was run in unwrap (-u) mode",
     )
 
@@ -90,13 +90,13 @@ def resolve_tool(tool: Path | None) -> Path:
     if tool is None:
         raise ConfigError(
             "no key-release tool configured",
-            reason="skr-tool-missing",
+            reason=Reason.SKR_TOOL_MISSING,
             hint="pass --skr-tool PATH or set skr_tool in /etc/confinfer/*.toml",
         )
     if not tool.is_file() or not os.access(tool, os.X_OK):
         raise ConfigError(
             f"the key-release tool {tool} is not an executable file",
-            reason="skr-tool-missing",
+            reason=Reason.SKR_TOOL_MISSING,
             hint="build AzureAttestSKR and point --skr-tool at it",
         )
     return tool
@@ -131,16 +131,16 @@ def unwrap_dek(
         raise ServiceError(
             f"{shown(argv)} did not finish within {timeout_s:g} s; stderr: "
             f"{_tail(exc.stderr or b'')}",
-            reason="skr-tool-timeout",
+            reason=Reason.SKR_TOOL_TIMEOUT,
         ) from None
     except OSError as exc:
         raise ConfigError(
-            f"cannot run {shown(argv)}: {exc.strerror}", reason="skr-tool-missing"
+            f"cannot run {shown(argv)}: {exc.strerror}", reason=Reason.SKR_TOOL_MISSING
         ) from None
     if done.returncode != 0:
         raise KeyReleaseError(
             f"{shown(argv)} exited with status {done.returncode}; stderr: {_tail(done.stderr)}",
-            reason="skr-tool-failed",
+            reason=Reason.SKR_TOOL_FAILED,
             details={"exit_code": done.returncode},
             hint="rerun with SKR_TRACE_ON=1 in the environment for the tool's trace",
         )

@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from confinfer.errors import AttestationError, ServiceError
+from confinfer.errors import AttestationError, Reason, ServiceError
 
 if TYPE_CHECKING:
     import requests
@@ -55,7 +55,7 @@ class VerifiedToken:
     issuer: str
 
 
-def _fail(reason: str, message: str) -> AttestationError:
+def _fail(reason: Reason, message: str) -> AttestationError:
     return AttestationError(f"attestation token: {message}", reason=reason)
 
 
@@ -75,16 +75,16 @@ def b64url_decode(text: str, what: str) -> bytes:
     try:
         return decode_b64url(text)
     except ValueError:
-        raise _fail("token-malformed", f"{what} is not base64url") from None
+        raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not base64url") from None
 
 
 def _json_part(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(b64url_decode(text, what))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail("token-malformed", f"{what} is not JSON") from None
+        raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not JSON") from None
     if not isinstance(value, dict):
-        raise _fail("token-malformed", f"{what} is not a JSON object")
+        raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not a JSON object")
     return value
 
 
@@ -92,13 +92,13 @@ def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Header and claims of a compact JWS, decoded but NOT verified (for diagnostics only)."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise _fail("token-malformed", f"expected 3 dot-separated parts, found {len(parts)}")
+        raise _fail(Reason.TOKEN_MALFORMED, f"expected 3 dot-separated parts, found {len(parts)}")
     return _json_part(parts[0], "header"), _json_part(parts[1], "payload")
 
 
 def _uint(value: Any, what: str) -> int:
     if not isinstance(value, str) or not value:
-        raise _fail("token-jwks-invalid", f"JWK {what} is missing")
+        raise _fail(Reason.TOKEN_JWKS_INVALID, f"JWK {what} is missing")
     return int.from_bytes(b64url_decode(value, f"JWK {what}"), "big")
 
 
@@ -106,34 +106,34 @@ def _jwk_key(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
     """The RSA key of one JWK; its x5c leaf, when present, must carry the same key."""
     kid = jwk.get("kid")
     if jwk.get("kty") != "RSA":
-        raise _fail("token-jwks-invalid", f"key {kid!r} is not an RSA key")
+        raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r} is not an RSA key")
     if jwk.get("use", "sig") != "sig" or jwk.get("alg", "RS256") != "RS256":
-        raise _fail("token-jwks-invalid", f"key {kid!r} is not an RS256 signing key")
+        raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r} is not an RS256 signing key")
     leaf: rsa.RSAPublicKey | None = None
     x5c = jwk.get("x5c")
     if x5c is not None:
         if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
-            raise _fail("token-jwks-invalid", f"key {kid!r}: x5c is not a list of certificates")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c is not a list of certificates")
         try:
             cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
         except (binascii.Error, ValueError):
-            raise _fail("token-jwks-invalid", f"key {kid!r}: x5c[0] is not a certificate") from None
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not a certificate") from None
         cert_key = cert.public_key()
         if not isinstance(cert_key, rsa.RSAPublicKey):
-            raise _fail("token-jwks-invalid", f"key {kid!r}: x5c[0] is not an RSA certificate")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not an RSA certificate")
         leaf = cert_key
     if "n" in jwk or "e" in jwk or leaf is None:
         key = rsa.RSAPublicNumbers(_uint(jwk.get("e"), "e"), _uint(jwk.get("n"), "n"))
         try:
             public = key.public_key()
         except ValueError:
-            raise _fail("token-jwks-invalid", f"key {kid!r} is not a valid RSA key") from None
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r} is not a valid RSA key") from None
         if leaf is not None and leaf.public_numbers() != public.public_numbers():
-            raise _fail("token-jwks-invalid", f"key {kid!r}: x5c certificate does not match n/e")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c certificate does not match n/e")
     else:
         public = leaf
     if public.key_size < MIN_KEY_BITS:
-        raise _fail("token-jwks-invalid", f"key {kid!r} has only {public.key_size} bits")
+        raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r} has only {public.key_size} bits")
     return public
 
 
@@ -173,7 +173,7 @@ class JwksCache:
                 self._keys[issuer] = keys
                 self._fetched[issuer] = time.monotonic()
         if kid not in keys:
-            raise _fail("token-unknown-kid", f"issuer {issuer} has no signing key {kid!r}")
+            raise _fail(Reason.TOKEN_UNKNOWN_KID, f"issuer {issuer} has no signing key {kid!r}")
         found = keys[kid]
         if isinstance(found, AttestationError):
             raise found
@@ -183,20 +183,20 @@ class JwksCache:
     def _fetch(issuer: str, fetch: Fetch) -> dict[str, _Key]:
         metadata = fetch(f"{issuer}/.well-known/openid-configuration")
         if not isinstance(metadata, Mapping):
-            raise _fail("token-jwks-invalid", "OpenID metadata is not a JSON object")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, "OpenID metadata is not a JSON object")
         stated = metadata.get("issuer")
         if stated is not None and (not isinstance(stated, str)
                                    or stated.rstrip("/") != issuer.rstrip("/")):
-            raise _fail("token-jwks-invalid",
+            raise _fail(Reason.TOKEN_JWKS_INVALID,
                         f"OpenID metadata names issuer {stated!r}, not {issuer}")
         jwks_uri = metadata.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not _under(jwks_uri, issuer):
-            raise _fail("token-jwks-invalid",
+            raise _fail(Reason.TOKEN_JWKS_INVALID,
                         f"jwks_uri {jwks_uri!r} is not under the issuer {issuer}")
         jwks = fetch(jwks_uri)
         entries = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(entries, list):
-            raise _fail("token-jwks-invalid", f"{jwks_uri} is not a JWKS")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"{jwks_uri} is not a JWKS")
         keys: dict[str, _Key] = {}
         for entry in entries:
             if not isinstance(entry, Mapping) or not isinstance(entry.get("kid"), str):
@@ -224,7 +224,7 @@ def verify_token(
 ) -> VerifiedToken:
     """Verify ``token`` against the allow-listed ``issuers``; return its header and claims."""
     if not isinstance(token, str) or token.count(".") != 2:
-        raise _fail("token-malformed", "not a compact JWS (three dot-separated parts)")
+        raise _fail(Reason.TOKEN_MALFORMED, "not a compact JWS (three dot-separated parts)")
     head_b64, body_b64, sig_b64 = token.split(".")
     header = _json_part(head_b64, "header")
     claims = _json_part(body_b64, "payload")
@@ -232,46 +232,46 @@ def verify_token(
 
     alg = header.get("alg")
     if alg != "RS256":
-        raise _fail("token-bad-signature", f"alg {alg!r} is not accepted (only RS256)")
+        raise _fail(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg!r} is not accepted (only RS256)")
     if "crit" in header:
-        raise _fail("token-malformed", "critical header extensions are not supported")
+        raise _fail(Reason.TOKEN_MALFORMED, "critical header extensions are not supported")
 
     iss = claims.get("iss")
     allowed = {i.rstrip("/"): i.rstrip("/") for i in issuers}
     if not isinstance(iss, str) or iss.rstrip("/") not in allowed:
-        raise _fail("token-untrusted-issuer",
+        raise _fail(Reason.TOKEN_UNTRUSTED_ISSUER,
                     f"issuer {iss!r} is not one of the trusted issuers "
                     f"({', '.join(allowed) or 'none configured'})")
     issuer = allowed[iss.rstrip("/")]  # build URLs from the configured spelling only
     jku = header.get("jku")
     if jku is not None and (not isinstance(jku, str) or jku.rstrip("/") != f"{issuer}/certs"):
-        raise _fail("token-untrusted-issuer",
+        raise _fail(Reason.TOKEN_UNTRUSTED_ISSUER,
                     f"jku {jku!r} is not {issuer}/certs; keys are only taken from the issuer")
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
-        raise _fail("token-malformed", "header has no kid")
+        raise _fail(Reason.TOKEN_MALFORMED, "header has no kid")
 
     key = (cache or CACHE).key(issuer, kid, fetch)
     try:
         key.verify(signature, f"{head_b64}.{body_b64}".encode("ascii"), padding.PKCS1v15(),
                    hashes.SHA256())
     except InvalidSignature:
-        raise _fail("token-bad-signature",
+        raise _fail(Reason.TOKEN_BAD_SIGNATURE,
                     f"signature does not verify with {issuer} key {kid!r}") from None
 
     current = time.time() if now is None else now
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise _fail("token-malformed", "exp is missing or not a number")
+        raise _fail(Reason.TOKEN_MALFORMED, "exp is missing or not a number")
     if current > exp + leeway_s:
-        raise _fail("token-expired",
+        raise _fail(Reason.TOKEN_EXPIRED,
                     f"expired {int(current - exp)} s ago (exp {int(exp)})")
     nbf = claims.get("nbf")
     if nbf is not None:
         if not isinstance(nbf, int | float) or isinstance(nbf, bool):
-            raise _fail("token-malformed", "nbf is not a number")
+            raise _fail(Reason.TOKEN_MALFORMED, "nbf is not a number")
         if current + leeway_s < nbf:
-            raise _fail("token-not-yet-valid",
+            raise _fail(Reason.TOKEN_NOT_YET_VALID,
                         f"not valid for another {int(nbf - current)} s (nbf {int(nbf)})")
     return VerifiedToken(token=token, header=header, claims=claims, issuer=issuer)
 
@@ -284,7 +284,7 @@ def http_fetch(cfg: Config, session: requests.Session | None = None) -> Fetch:
 
     def fetch(url: str) -> Any:
         if urlsplit(url).scheme != "https":
-            raise _fail("token-jwks-invalid", f"{url} is not an https:// URL")
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"{url} is not an https:// URL")
         try:
             reply = http.get(
                 url,
@@ -295,14 +295,14 @@ def http_fetch(cfg: Config, session: requests.Session | None = None) -> Fetch:
             )
         except requests.RequestException as exc:
             raise ServiceError(f"cannot fetch {url}: {exc.__class__.__name__}",
-                               reason="token-jwks-unavailable") from None
+                               reason=Reason.TOKEN_JWKS_UNAVAILABLE) from None
         if reply.status_code != 200:
             raise ServiceError(f"{url} answered HTTP {reply.status_code}",
-                               reason="token-jwks-unavailable")
+                               reason=Reason.TOKEN_JWKS_UNAVAILABLE)
         try:
             return reply.json()
         except ValueError:
-            raise _fail("token-jwks-invalid", f"{url} did not answer JSON") from None
+            raise _fail(Reason.TOKEN_JWKS_INVALID, f"{url} did not answer JSON") from None
 
     return fetch
 

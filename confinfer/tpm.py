@@ -29,7 +29,7 @@ from cryptography import x509
 
 from confinfer import hcl
 from confinfer.closable import Closable
-from confinfer.errors import TpmError
+from confinfer.errors import Reason, TpmError
 
 # The TSS libraries print their own error lines to stderr; failures are reported here as one
 # line each instead. An explicit TSS2_LOG in the environment still wins.
@@ -107,10 +107,10 @@ def rsa_numbers(public: bytes) -> tuple[int, int]:
     try:
         tpm2b, _ = TPM2B_PUBLIC.unmarshal(public)
     except Exception:  # the unmarshaller raises TSS2_Exception or ValueError
-        raise TpmError("not a marshalled TPM2B_PUBLIC", reason="tpm-bad-public") from None
+        raise TpmError("not a marshalled TPM2B_PUBLIC", reason=Reason.TPM_BAD_PUBLIC) from None
     area = tpm2b.publicArea
     if area.type != TPM2_ALG.RSA:
-        raise TpmError("the key is not an RSA key", reason="tpm-bad-public")
+        raise TpmError("the key is not an RSA key", reason=Reason.TPM_BAD_PUBLIC)
     n = int.from_bytes(bytes(area.unique.rsa), "big")
     e = int(area.parameters.rsaDetail.exponent) or RSA_EXPONENT_DEFAULT
     return n, e
@@ -124,7 +124,7 @@ def pcr_digest(values: dict[int, bytes], pcrs: Iterable[int]) -> bytes:
 def _selection(pcrs: Iterable[int]) -> Any:
     chosen = sorted(set(pcrs))
     if not chosen or chosen[0] < 0 or chosen[-1] > 23:
-        raise TpmError(f"PCR selection {chosen} is outside 0..23", reason="tpm-bad-request")
+        raise TpmError(f"PCR selection {chosen} is outside 0..23", reason=Reason.TPM_BAD_REQUEST)
     return TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in chosen))
 
 
@@ -157,7 +157,7 @@ def _tss_error(
     exc: TSS2_Exception,
     action: str,
     *,
-    missing: str | None = None,
+    missing: Reason | None = None,
     tcti: str | None = None,
 ) -> TpmError:
     """Map a TSS failure to a TpmError with a stable reason."""
@@ -166,7 +166,7 @@ def _tss_error(
         where = f" at {tcti!r}" if tcti else ""
         return TpmError(
             f"{action}: cannot reach the vTPM{where} ({exc})",
-            reason="tpm-unreachable",
+            reason=Reason.TPM_UNREACHABLE,
             hint="on a confidential VM the vTPM is /dev/tpmrm0 (needs root or the tss group)",
         )
     if rc & _LAYER_MASK == 0:
@@ -176,17 +176,17 @@ def _tss_error(
         if error in (TPM2_RC.POLICY_FAIL, TPM2_RC.PCR_CHANGED):
             return TpmError(
                 f"{action}: the vTPM refused: PCRs 0-7 differ from when the key was made",
-                reason="tpm-pcr-policy",
+                reason=Reason.TPM_PCR_POLICY,
                 hint="the boot state changed since attestation; attest again",
             )
         if error == TPM2_RC.NV_UNINITIALIZED:
-            return TpmError(f"{action}: the NV index was never written", reason="tpm-nv-empty")
+            return TpmError(f"{action}: the NV index was never written", reason=Reason.TPM_NV_EMPTY)
         if error in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH, TPM2_RC.NV_AUTHORIZATION):
-            return TpmError(f"{action}: authorization refused ({exc})", reason="tpm-auth")
+            return TpmError(f"{action}: authorization refused ({exc})", reason=Reason.TPM_AUTH)
         if error == TPM2_RC.LOCKOUT:
             return TpmError(f"{action}: the vTPM is in dictionary-attack lockout",
-                            reason="tpm-lockout")
-    return TpmError(f"{action}: {exc}", reason="tpm-error")
+                            reason=Reason.TPM_LOCKOUT)
+    return TpmError(f"{action}: {exc}", reason=Reason.TPM_ERROR)
 
 
 class Vtpm(Closable):
@@ -203,7 +203,7 @@ class Vtpm(Closable):
         except TSS2_Exception as exc:
             raise _tss_error(exc, "connect", tcti=tcti) from None
         except (ValueError, RuntimeError) as exc:  # a malformed TCTI string
-            raise TpmError(f"connect: bad TCTI {tcti!r}: {exc}", reason="tpm-unreachable") from None
+            raise TpmError(f"connect: bad TCTI {tcti!r}: {exc}", reason=Reason.TPM_UNREACHABLE) from None
 
 
     def close(self) -> None:
@@ -220,10 +220,10 @@ class Vtpm(Closable):
     @property
     def _e(self) -> Any:
         if self._esys is None:
-            raise TpmError("the vTPM connection is closed", reason="tpm-closed")
+            raise TpmError("the vTPM connection is closed", reason=Reason.TPM_CLOSED)
         return self._esys
 
-    def _fail(self, exc: TSS2_Exception, action: str, missing: str | None = None) -> NoReturn:
+    def _fail(self, exc: TSS2_Exception, action: str, missing: Reason | None = None) -> NoReturn:
         raise _tss_error(exc, action, missing=missing, tcti=self.tcti) from None
 
     @staticmethod
@@ -241,15 +241,15 @@ class Vtpm(Closable):
         try:
             ak = self._e.tr_from_tpmpublic(AK_HANDLE)
         except TSS2_Exception as exc:
-            self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing="tpm-ak-missing")
+            self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing=Reason.TPM_AK_MISSING)
         try:
             try:
                 public, _, _ = self._e.read_public(ak)
             except TSS2_Exception as exc:
-                self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing="tpm-ak-missing")
+                self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing=Reason.TPM_AK_MISSING)
             area = public.publicArea
             if area.type != TPM2_ALG.RSA:
-                raise TpmError("the AK is not an RSA key", reason="tpm-ak-invalid")
+                raise TpmError("the AK is not an RSA key", reason=Reason.TPM_AK_INVALID)
             scheme = area.parameters.rsaDetail.scheme.scheme
             if scheme == TPM2_ALG.NULL:
                 # An AK without a fixed scheme: ask for the one MAA expects.
@@ -261,7 +261,7 @@ class Vtpm(Closable):
                 self._ak_scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
             else:
                 raise TpmError(f"the AK signs with {scheme}, not RSASSA",
-                               reason="tpm-ak-invalid")
+                               reason=Reason.TPM_AK_INVALID)
         except BaseException:
             self._quietly(self._e.tr_close, ak)
             raise
@@ -289,12 +289,12 @@ class Vtpm(Closable):
         try:
             tr = self._e.tr_from_tpmpublic(index)
         except TSS2_Exception as exc:
-            self._fail(exc, what, missing="tpm-nv-missing")
+            self._fail(exc, what, missing=Reason.TPM_NV_MISSING)
         try:
             try:
                 public, _ = self._e.nv_read_public(tr)
             except TSS2_Exception as exc:
-                self._fail(exc, what, missing="tpm-nv-missing")
+                self._fail(exc, what, missing=Reason.TPM_NV_MISSING)
             attrs = public.nvPublic.attributes
             size = int(public.nvPublic.dataSize)
             if attrs & TPMA_NV.OWNERREAD:
@@ -302,7 +302,7 @@ class Vtpm(Closable):
             elif attrs & TPMA_NV.AUTHREAD:
                 auth = tr
             else:
-                raise TpmError(f"{what}: neither owner- nor auth-readable", reason="tpm-auth")
+                raise TpmError(f"{what}: neither owner- nor auth-readable", reason=Reason.TPM_AUTH)
             chunk = self._buffer_max()
             out = bytearray()
             try:
@@ -311,7 +311,7 @@ class Vtpm(Closable):
                     data = self._e.nv_read(tr, n, len(out), auth_handle=auth)
                     out += bytes(data)
             except TSS2_Exception as exc:
-                self._fail(exc, f"read {what}", missing="tpm-nv-missing")
+                self._fail(exc, f"read {what}", missing=Reason.TPM_NV_MISSING)
             return bytes(out)
         finally:
             self._quietly(self._e.tr_close, tr)
@@ -330,7 +330,7 @@ class Vtpm(Closable):
         except ValueError:
             raise TpmError(
                 f"NV index 0x{AK_CERT_INDEX:08X} does not hold a DER certificate",
-                reason="tpm-ak-cert-invalid",
+                reason=Reason.TPM_AK_CERT_INVALID,
             ) from None
         return der
 
@@ -340,7 +340,7 @@ class Vtpm(Closable):
         try:
             public, _, _ = self._e.read_public(ak)
         except TSS2_Exception as exc:
-            self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing="tpm-ak-missing")
+            self._fail(exc, f"AK 0x{AK_HANDLE:08X}", missing=Reason.TPM_AK_MISSING)
         return bytes(public.marshal())
 
     def refresh_report(
@@ -354,7 +354,7 @@ class Vtpm(Closable):
         if len(user_data) != hcl.USER_DATA_SIZE:
             raise TpmError(
                 f"report user data must be {hcl.USER_DATA_SIZE} bytes, got {len(user_data)}",
-                reason="tpm-bad-request",
+                reason=Reason.TPM_BAD_REQUEST,
             )
         before = self.hcl_report()
         self._write_user_data(bytes(user_data))
@@ -374,7 +374,7 @@ class Vtpm(Closable):
         raise TpmError(
             f"the HCL report did not change within {timeout_s:g} s of writing NV "
             f"0x{USER_DATA_INDEX:08X}",
-            reason="tpm-report-stale",
+            reason=Reason.TPM_REPORT_STALE,
             hint="the paravisor did not regenerate the report; is this an Azure CVM?",
         )
 
@@ -428,7 +428,7 @@ class Vtpm(Closable):
                 self._fail(exc, "read PCRs")
             got = [i for i in remaining if _selected(selected, i)]
             if not got:
-                raise TpmError("the vTPM has no SHA-256 PCR bank", reason="tpm-no-sha256-bank")
+                raise TpmError("the vTPM has no SHA-256 PCR bank", reason=Reason.TPM_NO_SHA256_BANK)
             for i, digest in zip(got, digests, strict=False):
                 values[i] = bytes(digest)
         return values
@@ -448,7 +448,7 @@ class Vtpm(Closable):
             if bytes(parsed.attested.quote.pcrDigest) == pcr_digest(values, pcrs):
                 return Quote(attest=attest, signature=_rsassa(signature), pcrs=values)
             LOG.debug("PCRs changed between quote and read; quoting again")
-        raise TpmError("PCRs kept changing while quoting", reason="tpm-pcr-changed")
+        raise TpmError("PCRs kept changing while quoting", reason=Reason.TPM_PCR_CHANGED)
 
     # -- the ephemeral key ----------------------------------------------------------------
 
@@ -516,7 +516,7 @@ class Vtpm(Closable):
         if alg is None:
             raise TpmError(
                 f"OAEP hash {hash_name!r} is not one of {', '.join(_OAEP_HASHES)}",
-                reason="tpm-bad-request",
+                reason=Reason.TPM_BAD_REQUEST,
             )
         scheme = TPMT_RSA_DECRYPT(scheme=TPM2_ALG.OAEP)
         scheme.details.oaep.hashAlg = alg
@@ -540,7 +540,7 @@ class Vtpm(Closable):
                 if n != known.n:
                     raise TpmError(
                         "the ephemeral key cannot be recreated (the vTPM was reset since)",
-                        reason="tpm-ephemeral-changed",
+                        reason=Reason.TPM_EPHEMERAL_CHANGED,
                         hint="attest again to get a new key",
                     )
             try:
@@ -555,12 +555,12 @@ class Vtpm(Closable):
                 out = e.rsa_decrypt(handle, bytes(ciphertext), scheme, b"", session1=session)
             except TSS2_Exception as exc:
                 err = _tss_error(exc, "decrypt with the ephemeral key", tcti=self.tcti)
-                if err.reason == "tpm-error" and int(exc.rc) & _LAYER_MASK == 0:
+                if err.reason == Reason.TPM_ERROR and int(exc.rc) & _LAYER_MASK == 0:
                     err = TpmError(
                         "the ephemeral key could not decrypt: the ciphertext is not for this "
                         "key"
                         + ("" if known else ", or PCRs 0-7 changed since the key was made"),
-                        reason="tpm-decrypt-failed",
+                        reason=Reason.TPM_DECRYPT_FAILED,
                     )
                 raise err from None
             plain = bytearray(bytes(out))
@@ -582,7 +582,7 @@ def _selected(selection: Any, pcr: int) -> bool:
 def _rsassa(signature: Any) -> bytes:
     if signature.sigAlg != TPM2_ALG.RSASSA:
         raise TpmError(f"the AK signed with {signature.sigAlg}, not RSASSA",
-                       reason="tpm-ak-invalid")
+                       reason=Reason.TPM_AK_INVALID)
     return bytes(signature.signature.rsassa.sig)
 
 
@@ -599,7 +599,7 @@ def _der_length(raw: bytes) -> int:
     def bad() -> TpmError:
         return TpmError(
             f"NV index 0x{AK_CERT_INDEX:08X} does not hold a DER certificate",
-            reason="tpm-ak-cert-invalid",
+            reason=Reason.TPM_AK_CERT_INVALID,
         )
 
     if len(raw) < 2 or raw[0] != 0x30:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from confinfer.errors import IntegrityError
+from confinfer.errors import IntegrityError, Reason
 
 # What the primitives accept as input (collections.abc.Buffer is Python 3.12+).
 Buffer = bytes | bytearray | memoryview
@@ -94,7 +94,7 @@ def verify_header_tag(key: Buffer, authenticated: Buffer, tag: bytes) -> None:
     except InvalidTag:
         raise IntegrityError(
             "the package header failed authentication (tampered, or sealed under another key)",
-            reason="header-integrity",
+            reason=Reason.HEADER_INTEGRITY,
         ) from None
 
 
@@ -135,7 +135,7 @@ class ChunkCipher:
             raise IntegrityError(
                 "a chunk of the package failed authentication (tampered, reordered, or from "
                 "another package)",
-                reason="chunk-integrity",
+                reason=Reason.CHUNK_INTEGRITY,
             ) from None
         return done
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from confinfer.errors import UsageError
+from confinfer.errors import Reason, UsageError
 
 if TYPE_CHECKING:
     from confinfer.config import Config
@@ -135,14 +135,14 @@ def make_unwrapper(args: argparse.Namespace, key_id: str | None, cfg: Config) ->
             skr.SkrRequest(args.key_id, args.maa_url, args.skr_tool), kek_private_key, cfg
         )
     if args.maa_url or args.skr_tool:
-        raise UsageError("--maa-url and --skr-tool only apply with --skr", reason="usage")
+        raise UsageError("--maa-url and --skr-tool only apply with --skr", reason=Reason.USAGE)
     if kek_private_key is not None:
         return PemUnwrapper.from_file(kek_private_key)
     if key_id:
         return KeyVaultUnwrapper(key_id, cfg)
     raise UsageError(
         "no way to unwrap the data key",
-        reason="no-key",
+        reason=Reason.NO_KEY,
         hint="give --kek-private-key PEM, or --key-id KID for Key Vault",
     )
 
@@ -157,7 +157,7 @@ def unseal_command(args: argparse.Namespace) -> int:
     max_bytes = args.max_bytes if args.max_bytes is not None else cfg.max_bytes
     pkg_dir: Path = args.pkg_dir
     if not pkg_dir.is_dir():
-        raise UsageError(f"{pkg_dir} is not a directory", reason="package-unreadable")
+        raise UsageError(f"{pkg_dir} is not a directory", reason=Reason.PACKAGE_UNREADABLE)
     # Check the key source before touching the destination.
     unwrapper = make_unwrapper(args, key_id, cfg)
     sealed = (pkg_dir / fmt.PACKAGE_FILE).exists()
@@ -197,7 +197,7 @@ def _unseal_tutorial(
         raise UsageError(
             f"{pkg_dir} holds no sealed package (model.sealed) and not the tutorial layout "
             f"({tutorial.ARCHIVE_NAME} with {tutorial.WRAPPED_DEK_NAME})",
-            reason="package-unreadable",
+            reason=Reason.PACKAGE_UNREADABLE,
         )
     wrapped = package.read_wrapped_dek()
     with Destination(dest_dir, max_bytes=max_bytes) as dest:
@@ -232,7 +232,7 @@ def _inspect_tutorial(pkg_dir: Path) -> dict[str, object]:
     if package is None:
         raise UsageError(
             f"{pkg_dir} holds neither model.sealed nor the tutorial layout",
-            reason="package-unreadable",
+            reason=Reason.PACKAGE_UNREADABLE,
         )
     return {
         "layout": "tutorial",

@@ -23,6 +23,7 @@ from types import TracebackType
 from confinfer.errors import (
     ConfinferError,
     NoSpaceError,
+    Reason,
     SizeLimitError,
     UnsafeArchiveError,
     UsageError,
@@ -59,7 +60,7 @@ def _unsafe(name: str, why: str) -> UnsafeArchiveError:
     shown = repr(name)
     if len(shown) > 160:
         shown = shown[:157] + "..."
-    return UnsafeArchiveError(f"unsafe path {shown}: {why}", reason="unsafe-path")
+    return UnsafeArchiveError(f"unsafe path {shown}: {why}", reason=Reason.UNSAFE_PATH)
 
 
 def safe_relpath(name: str) -> PurePosixPath:
@@ -129,11 +130,11 @@ class Destination:
         except FileNotFoundError:
             raise UsageError(
                 f"cannot create {self.root}: its parent directory does not exist",
-                reason="dest-invalid",
+                reason=Reason.DEST_INVALID,
             ) from None
         except OSError as exc:
             raise UsageError(
-                f"cannot create {self.root}: {exc.strerror}", reason="dest-invalid"
+                f"cannot create {self.root}: {exc.strerror}", reason=Reason.DEST_INVALID
             ) from None
         try:
             self._root_fd = os.open(self.root, _DIR_FLAGS)
@@ -141,7 +142,7 @@ class Destination:
             self._forget_root()
             raise UsageError(
                 f"{self.root} is not a directory (or is a symbolic link): {exc.strerror}",
-                reason="dest-invalid",
+                reason=Reason.DEST_INVALID,
             ) from None
         if self._created:
             os.fchmod(self._root_fd, 0o700)
@@ -149,7 +150,7 @@ class Destination:
             os.close(self._root_fd)
             raise UsageError(
                 f"{self.root} is not empty",
-                reason="dest-not-empty",
+                reason=Reason.DEST_NOT_EMPTY,
                 hint="give a new path or an empty directory",
             )
 
@@ -215,7 +216,7 @@ class Destination:
                     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                         raise UnsafeArchiveError(
                             f"{name!r} lies below something that is not a directory",
-                            reason="path-conflict",
+                            reason=Reason.PATH_CONFLICT,
                         ) from None
                     raise
                 os.close(fd)
@@ -241,7 +242,7 @@ class Destination:
                 except OSError as exc:
                     if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                         raise UnsafeArchiveError(
-                            f"{str(rel)!r} exists and is not a directory", reason="path-conflict"
+                            f"{str(rel)!r} exists and is not a directory", reason=Reason.PATH_CONFLICT
                         ) from None
                     raise
                 try:
@@ -271,12 +272,12 @@ class Destination:
                     fd = os.open(path.name, _FILE_FLAGS, 0o600, dir_fd=parent)
                 except FileExistsError:
                     raise UnsafeArchiveError(
-                        f"{str(rel)!r} is written twice", reason="duplicate-entry"
+                        f"{str(rel)!r} is written twice", reason=Reason.DUPLICATE_ENTRY
                     ) from None
                 except OSError as exc:
                     if exc.errno == errno.ELOOP:
                         raise UnsafeArchiveError(
-                            f"{str(rel)!r} is a symbolic link", reason="path-conflict"
+                            f"{str(rel)!r} is a symbolic link", reason=Reason.PATH_CONFLICT
                         ) from None
                     raise
             finally:
@@ -321,7 +322,7 @@ class Destination:
         if failures:
             raise ConfinferError(
                 f"could not remove everything under {self.root}: {failures[0]}",
-                reason="wipe-failed",
+                reason=Reason.WIPE_FAILED,
                 details={"failures": failures[:20]},
                 hint="remove the directory by hand; it may hold plaintext",
             )

@@ -26,6 +26,7 @@ from typing import Any
 from confinfer.errors import (
     FormatError,
     IntegrityError,
+    Reason,
     SizeLimitError,
     UnsafeArchiveError,
 )
@@ -133,7 +134,7 @@ def authenticated_prefix(header_bytes: bytes) -> bytes:
 
 
 def _invalid(why: str) -> FormatError:
-    return FormatError(f"the package header is invalid: {why}", reason="header-invalid")
+    return FormatError(f"the package header is invalid: {why}", reason=Reason.HEADER_INVALID)
 
 
 def read_prefix(prefix: bytes, file_size: int) -> int:
@@ -142,12 +143,12 @@ def read_prefix(prefix: bytes, file_size: int) -> int:
         if prefix[: len(MAGIC_FAMILY)] == MAGIC_FAMILY and len(prefix) >= len(MAGIC):
             raise FormatError(
                 f"this package is format {prefix[6:8]!r}; this version reads {MAGIC[6:]!r} only",
-                reason="unsupported-format",
+                reason=Reason.UNSUPPORTED_FORMAT,
             )
         if len(prefix) < len(MAGIC) and MAGIC.startswith(prefix):
             raise _truncated()
         raise FormatError(
-            f"not a sealed model package (no {MAGIC.decode()} magic)", reason="bad-magic"
+            f"not a sealed model package (no {MAGIC.decode()} magic)", reason=Reason.BAD_MAGIC
         )
     if len(prefix) < PREFIX_LEN:
         raise _truncated()
@@ -160,7 +161,7 @@ def read_prefix(prefix: bytes, file_size: int) -> int:
 
 
 def _truncated() -> IntegrityError:
-    return IntegrityError("the package is truncated", reason="truncated")
+    return IntegrityError("the package is truncated", reason=Reason.TRUNCATED)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -226,13 +227,13 @@ def parse_header(header_bytes: bytes) -> Header:
     if type(version) is not int or version != VERSION:
         raise FormatError(
             f"header version {version!r} is not supported (this reader knows {VERSION})",
-            reason="unsupported-format",
+            reason=Reason.UNSUPPORTED_FORMAT,
         )
     for key, expected in (("cipher", CIPHER), ("kdf", KDF), ("wrap", WRAP)):
         if top[key] != expected:
             raise FormatError(
                 f"{key} {top[key]!r} is not supported (expected {expected!r})",
-                reason="unsupported-format",
+                reason=Reason.UNSUPPORTED_FORMAT,
             )
     chunk_size = _int(top, "chunk_size", 1, MAX_CHUNK_SIZE)
     salt = _b64(top, "salt")
@@ -283,7 +284,7 @@ def _manifest_path(path: str) -> PurePosixPath:
     if str(rel) != path:
         raise UnsafeArchiveError(
             f"manifest path {path!r} is not in normal form (expected {str(rel)!r})",
-            reason="unsafe-path",
+            reason=Reason.UNSAFE_PATH,
         )
     return rel
 
@@ -301,23 +302,23 @@ def validate(header: Header, *, max_bytes: int | None = None) -> None:
         rel = _manifest_path(d.path)
         if rel in dirs:
             raise UnsafeArchiveError(
-                f"directory {d.path!r} is listed twice", reason="duplicate-entry"
+                f"directory {d.path!r} is listed twice", reason=Reason.DUPLICATE_ENTRY
             )
         if rel.parent != root and rel.parent not in dirs:
             raise UnsafeArchiveError(
                 f"directory {d.path!r} comes before its parent is listed",
-                reason="missing-parent",
+                reason=Reason.MISSING_PARENT,
             )
         dirs.add(rel)
     seen: set[PurePosixPath] = set()
     for f in header.files:
         rel = _manifest_path(f.path)
         if rel in seen or rel in dirs:
-            raise UnsafeArchiveError(f"{f.path!r} is listed twice", reason="duplicate-entry")
+            raise UnsafeArchiveError(f"{f.path!r} is listed twice", reason=Reason.DUPLICATE_ENTRY)
         if rel.parent != root and rel.parent not in dirs:
             raise UnsafeArchiveError(
                 f"file {f.path!r} lies in a directory the manifest does not list",
-                reason="missing-parent",
+                reason=Reason.MISSING_PARENT,
             )
         seen.add(rel)
     expected = chunk_count(header.files, header.chunk_size)
@@ -401,7 +402,7 @@ def check_size(layout: Layout, file_size: int) -> None:
         raise _truncated()
     if file_size > layout.package_size:
         raise IntegrityError(
-            "the package has bytes after its last chunk", reason="trailing-data"
+            "the package has bytes after its last chunk", reason=Reason.TRAILING_DATA
         )
 
 

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from confinfer.config import Config
-from confinfer.errors import ConfinferError, KeyUnwrapError, ServiceError, UsageError
+from confinfer.errors import ConfinferError, KeyUnwrapError, Reason, ServiceError, UsageError
 
 if TYPE_CHECKING:
     from azure.keyvault.keys.crypto import CryptographyClient
@@ -77,7 +77,7 @@ def _read_pem(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise UsageError(
-            f"cannot read the {what} {path}: {exc.strerror}", reason="key-file"
+            f"cannot read the {what} {path}: {exc.strerror}", reason=Reason.KEY_FILE
         ) from None
 
 
@@ -85,12 +85,12 @@ def _check_size(key: rsa.RSAPublicKey | rsa.RSAPrivateKey, path: Path) -> None:
     if key.key_size < MIN_RSA_BITS:
         raise UsageError(
             f"{path}: an RSA-{key.key_size} KEK is too small (at least {MIN_RSA_BITS} bits)",
-            reason="key-file",
+            reason=Reason.KEY_FILE,
         )
 
 
 def _not_rsa(path: Path) -> UsageError:
-    return UsageError(f"{path}: the KEK must be an RSA key", reason="key-file")
+    return UsageError(f"{path}: the KEK must be an RSA key", reason=Reason.KEY_FILE)
 
 
 def _checked_dek(raw: bytes) -> bytearray:
@@ -99,7 +99,7 @@ def _checked_dek(raw: bytes) -> bytearray:
         zero(dek)
         raise KeyUnwrapError(
             f"the unwrapped key is {len(raw)} bytes; AES-256 needs {DEK_LEN}",
-            reason="dek-length",
+            reason=Reason.DEK_LENGTH,
         )
     return dek
 
@@ -124,7 +124,7 @@ class PemWrapper:
                 key = serialization.load_pem_public_key(data)
         except ValueError:
             raise UsageError(
-                f"{path}: not a PEM public key or certificate", reason="key-file"
+                f"{path}: not a PEM public key or certificate", reason=Reason.KEY_FILE
             ) from None
         if not isinstance(key, rsa.RSAPublicKey):
             raise _not_rsa(path)
@@ -153,10 +153,10 @@ class PemUnwrapper:
         except TypeError:
             raise UsageError(
                 f"{path}: the private key is password-protected; give an unencrypted PEM",
-                reason="key-file",
+                reason=Reason.KEY_FILE,
             ) from None
         except ValueError:
-            raise UsageError(f"{path}: not a PEM private key", reason="key-file") from None
+            raise UsageError(f"{path}: not a PEM private key", reason=Reason.KEY_FILE) from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise _not_rsa(path)
         _check_size(key, path)
@@ -166,7 +166,7 @@ class PemUnwrapper:
         if key_id and key_id.startswith(FINGERPRINT_PREFIX) and key_id != self.key_id:
             raise KeyUnwrapError(
                 f"the package was sealed for the KEK {key_id}; the given key is {self.key_id}",
-                reason="key-mismatch",
+                reason=Reason.KEY_MISMATCH,
             )
         try:
             return _checked_dek(self._key.decrypt(wrapped, _OAEP))
@@ -174,7 +174,7 @@ class PemUnwrapper:
             raise KeyUnwrapError(
                 "the data key does not unwrap with this KEK (a different key, or a damaged "
                 "wrapped key)",
-                reason="key-unwrap",
+                reason=Reason.KEY_UNWRAP,
             ) from None
 
 
@@ -222,20 +222,19 @@ def keyvault_error(exc: Exception, operation: str, key_id: str) -> ConfinferErro
     if isinstance(exc, ClientAuthenticationError):
         return ServiceError(
             f"{where}: authentication failed: {_first_line(exc.message)}",
-            reason="keyvault-auth",
+            reason=Reason.KEYVAULT_UNAUTHORIZED,
             hint="sign in (az login) or check the managed identity; the identity needs the "
             f"key's {operation} permission",
         )
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
         return ServiceError(
             f"{where}: cannot reach the vault: {_first_line(exc.message)}",
-            reason="keyvault-unreachable",
+            reason=Reason.KEYVAULT_UNAVAILABLE,
         )
     if isinstance(exc, HttpResponseError):
         status = exc.status_code
-        reason = {401: "keyvault-auth", 403: "keyvault-forbidden", 404: "key-not-found"}.get(
-            status or 0, "keyvault-error"
-        )
+        reason = {401: Reason.KEYVAULT_UNAUTHORIZED, 403: Reason.KEYVAULT_FORBIDDEN,
+                  404: Reason.KEY_NOT_FOUND}.get(status or 0, Reason.KEYVAULT_FAILED)
         return ServiceError(
             f"{where}: HTTP {status}: {_first_line(exc.message)}", reason=reason
         )
@@ -280,11 +279,11 @@ class KeyVaultUnwrapper:
             result = client.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
         except AzureError as exc:
             err = keyvault_error(exc, "unwrapKey", kid)
-            if err.reason == "keyvault-error":
+            if err.reason == Reason.KEYVAULT_FAILED:
                 # Key Vault answers 400 when the blob does not decrypt under this key.
                 raise KeyUnwrapError(
                     f"Key Vault could not unwrap the data key with {kid}: {err.message}",
-                    reason="key-unwrap",
+                    reason=Reason.KEY_UNWRAP,
                 ) from None
             raise err from None
         return _checked_dek(result.key)

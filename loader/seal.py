@@ -15,7 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from confinfer.errors import ConfinferError, UnsafeArchiveError, UsageError
+from confinfer.errors import ConfinferError, Reason, UnsafeArchiveError, UsageError
 from loader import format as fmt
 from loader.aead import ChunkCipher, derive_chunk_key, header_tag
 from loader.dest import Destination, dir_mode, file_mode, safe_relpath
@@ -56,9 +56,9 @@ def scan(model_dir: Path) -> ModelTree:
     try:
         top = os.stat(model_dir)
     except OSError as exc:
-        raise UsageError(f"cannot read {model_dir}: {exc.strerror}", reason="model-dir") from None
+        raise UsageError(f"cannot read {model_dir}: {exc.strerror}", reason=Reason.MODEL_DIR) from None
     if not stat.S_ISDIR(top.st_mode):
-        raise UsageError(f"{model_dir} is not a directory", reason="model-dir")
+        raise UsageError(f"{model_dir} is not a directory", reason=Reason.MODEL_DIR)
     directories: list[fmt.DirEntry] = []
     files: list[fmt.FileEntry] = []
     identities: list[tuple[int, int, int, int]] = []
@@ -71,7 +71,7 @@ def scan(model_dir: Path) -> ModelTree:
             with os.scandir(where) as it:
                 entries = sorted(it, key=lambda e: _sort_key(e.name))
         except OSError as exc:
-            raise UsageError(f"cannot list {where}: {exc.strerror}", reason="model-dir") from None
+            raise UsageError(f"cannot list {where}: {exc.strerror}", reason=Reason.MODEL_DIR) from None
         subdirs: list[str] = []
         for entry in entries:
             rel = f"{prefix}/{entry.name}" if prefix else entry.name
@@ -79,7 +79,7 @@ def scan(model_dir: Path) -> ModelTree:
                 safe_relpath(rel)
             except UnsafeArchiveError as exc:
                 raise UsageError(
-                    f"{model_dir}: cannot seal {exc.message}", reason="unsupported-file"
+                    f"{model_dir}: cannot seal {exc.message}", reason=Reason.UNSUPPORTED_FILE
                 ) from None
             info = entry.stat(follow_symlinks=False)
             if stat.S_ISDIR(info.st_mode):
@@ -94,7 +94,7 @@ def scan(model_dir: Path) -> ModelTree:
                 raise UsageError(
                     f"{model_dir / rel} is {kind}; only regular files and directories can be "
                     "sealed",
-                    reason="unsupported-file",
+                    reason=Reason.UNSUPPORTED_FILE,
                     hint="replace links with the files they point to (cp -rL) and remove the rest",
                 )
         stack.extend(reversed(subdirs))
@@ -113,7 +113,7 @@ def seal_model(
     """Seal ``model_dir`` into ``out`` (the package directory) under a fresh DEK."""
     if not 1 <= chunk_size <= fmt.MAX_CHUNK_SIZE:
         raise UsageError(
-            f"the chunk size must be 1..{fmt.MAX_CHUNK_SIZE} bytes", reason="chunk-size"
+            f"the chunk size must be 1..{fmt.MAX_CHUNK_SIZE} bytes", reason=Reason.CHUNK_SIZE
         )
     tree = scan(model_dir)
     dek = new_dek()
@@ -137,7 +137,7 @@ def seal_model(
 
 def _changed(path: Path) -> ConfinferError:
     return ConfinferError(
-        f"{path} changed while it was being sealed", reason="model-changed",
+        f"{path} changed while it was being sealed", reason=Reason.MODEL_CHANGED,
         hint="seal a model directory that nothing else writes to",
     )
 
@@ -171,7 +171,7 @@ def write_package(
     if len(header_bytes) > fmt.MAX_HEADER_LEN:
         raise UsageError(
             f"the model has too many files for one package ({len(tree.files)})",
-            reason="model-too-many-files",
+            reason=Reason.MODEL_TOO_MANY_FILES,
         )
     prefix = fmt.authenticated_prefix(header_bytes)
     layout = fmt.Layout(header, len(header_bytes))

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from confinfer.config import Config
-from confinfer.errors import KeyUnwrapError, UsageError
+from confinfer.errors import KeyUnwrapError, Reason, UsageError
 
 if TYPE_CHECKING:
     from confinfer.skr import Timings
@@ -46,7 +46,7 @@ def choose_key_id(explicit: str | None, from_caller: str | None, cfg: Config) ->
     if not chosen:
         raise UsageError(
             "no Key Vault key to release",
-            reason="no-key-id",
+            reason=Reason.NO_KEY_ID,
             hint="give --key-id KID or set key_id (CONFINFER_KEY_ID); packages in the "
             "tutorial layout and packages sealed offline do not name their Key Vault key",
         )
@@ -65,7 +65,7 @@ def _dek_checked(dek: bytearray) -> bytearray:
         size = len(dek)
         zero(dek)
         raise KeyUnwrapError(
-            f"the unwrapped key is {size} bytes; AES-256 needs {DEK_LEN}", reason="dek-length"
+            f"the unwrapped key is {size} bytes; AES-256 needs {DEK_LEN}", reason=Reason.DEK_LENGTH
         )
     return dek
 
@@ -93,7 +93,7 @@ class SkrUnwrapper:
             if _is_fingerprint(key_id) and fingerprint(kek.public_key()) != key_id:
                 raise KeyUnwrapError(
                     f"the package was sealed for the KEK {key_id}; Key Vault released {kek.kid}",
-                    reason="key-mismatch",
+                    reason=Reason.KEY_MISMATCH,
                 )
             with timings.step("dek-unwrap"):
                 dek = skr.unwrap_dek(kek, wrapped)
@@ -117,7 +117,7 @@ class CompatUnwrapper:
             raise UsageError(
                 f"the package was sealed offline for {key_id}; AzureAttestSKR needs the "
                 "Key Vault key",
-                reason="no-key-id",
+                reason=Reason.NO_KEY_ID,
                 hint="give --key-id KID",
             )
         kid = choose_key_id(self._key_id, key_id, self._cfg)
@@ -158,7 +158,7 @@ def unwrapper_for(request: SkrRequest, kek_private_key: Path | None, cfg: Config
     if kek_private_key is not None:
         raise UsageError(
             "--skr and --kek-private-key are two different key sources; give one",
-            reason="usage",
+            reason=Reason.USAGE,
         )
     from confinfer import config
 

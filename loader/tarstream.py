@@ -36,7 +36,7 @@ import os
 import struct
 from pathlib import PurePosixPath
 
-from confinfer.errors import ConfinferError, FormatError, UnsafeArchiveError
+from confinfer.errors import ConfinferError, FormatError, Reason, UnsafeArchiveError
 from loader.dest import WRITE_SLICE, Destination, no_space_error, safe_relpath
 
 BLOCK = 512
@@ -88,7 +88,7 @@ def _shown(name: str) -> str:
 
 
 def _malformed(why: str) -> FormatError:
-    return FormatError(f"not a valid tar archive: {why}", reason="archive-malformed")
+    return FormatError(f"not a valid tar archive: {why}", reason=Reason.ARCHIVE_MALFORMED)
 
 
 def parse_number(field: bytes, what: str) -> int:
@@ -229,7 +229,7 @@ class TarExtractor:
             self.abort()
             raise FormatError(
                 "the tar archive ends before its end-of-archive marker",
-                reason="archive-truncated",
+                reason=Reason.ARCHIVE_TRUNCATED,
             )
 
     def abort(self) -> None:
@@ -309,7 +309,7 @@ class TarExtractor:
             raise UnsafeArchiveError(
                 f"entry {_shown(name)} is a {kind}; only regular files and directories are "
                 "extracted",
-                reason="unsafe-entry-type",
+                reason=Reason.UNSAFE_ENTRY_TYPE,
                 details={"type": kind},
             )
 
@@ -349,7 +349,7 @@ class TarExtractor:
         if len(self._entries) >= self._max_entries:
             raise UnsafeArchiveError(
                 f"the archive has more than {self._max_entries} entries",
-                reason="archive-too-many-entries",
+                reason=Reason.ARCHIVE_TOO_MANY_ENTRIES,
             )
         # Missing parents are created by the destination (0755); they are only recorded here.
         for parent in reversed(rel.parents[:-1]):
@@ -357,7 +357,7 @@ class TarExtractor:
             if seen is _Kind.FILE:
                 raise UnsafeArchiveError(
                     f"entry {_shown(name)} lies below the file {_shown(str(parent))}",
-                    reason="path-through-file",
+                    reason=Reason.PATH_THROUGH_FILE,
                 )
             if seen is None:
                 self._entries[parent] = _Kind.IMPLICIT_DIR
@@ -368,7 +368,7 @@ class TarExtractor:
                 self._entries[rel] = _Kind.DIR
                 return rel
             raise UnsafeArchiveError(
-                f"entry {_shown(name)} appears twice in the archive", reason="duplicate-entry"
+                f"entry {_shown(name)} appears twice in the archive", reason=Reason.DUPLICATE_ENTRY
             )
         self._entries[rel] = kind
         return rel
@@ -416,5 +416,5 @@ def _write_error(exc: OSError, name: str) -> ConfinferError:
     if full is not None:
         return full
     return ConfinferError(
-        f"cannot write {_shown(name)}: {exc.strerror}", reason="dest-write"
+        f"cannot write {_shown(name)}: {exc.strerror}", reason=Reason.DEST_WRITE
     )

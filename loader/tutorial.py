@@ -32,6 +32,7 @@ from confinfer.errors import (
     FormatError,
     IntegrityError,
     KeyUnwrapError,
+    Reason,
     SizeLimitError,
     UnsafeArchiveError,
     UsageError,
@@ -71,13 +72,13 @@ class TutorialPackage:
                 blob = f.read(_MAX_WRAPPED_DEK + 1)
         except OSError as exc:
             raise UsageError(
-                f"cannot read {self.wrapped_dek}: {exc.strerror}", reason="package-unreadable"
+                f"cannot read {self.wrapped_dek}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
             ) from exc
         if not blob or len(blob) > _MAX_WRAPPED_DEK:
             raise KeyUnwrapError(
                 f"{self.wrapped_dek} is {'empty' if not blob else 'too large'}; expected an "
                 "RSA-OAEP-wrapped 32-byte key",
-                reason="wrapped-dek-invalid",
+                reason=Reason.WRAPPED_DEK_INVALID,
             )
         return blob
 
@@ -108,7 +109,7 @@ def unseal_tutorial(
         if len(dek) != DEK_LEN:
             raise KeyUnwrapError(
                 f"the unwrapped model key is {len(dek)} bytes; AES-256 needs {DEK_LEN}",
-                reason="dek-length",
+                reason=Reason.DEK_LENGTH,
             )
         _extract(archive, dest, dek, progress)
     except BaseException:
@@ -126,19 +127,19 @@ def _extract(
         f = archive.open("rb", buffering=0)
     except OSError as exc:
         raise UsageError(
-            f"cannot open {archive}: {exc.strerror}", reason="package-unreadable"
+            f"cannot open {archive}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
         ) from exc
     with f:
         fd = f.fileno()
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"{archive} is not a regular file", reason="package-unreadable")
+            raise UsageError(f"{archive} is not a regular file", reason=Reason.PACKAGE_UNREADABLE)
         size = info.st_size
         if size < NONCE_LEN + TAG_LEN:
             raise IntegrityError(
                 f"{archive.name} is {size} bytes, shorter than its {NONCE_LEN}-byte nonce "
                 f"and {TAG_LEN}-byte tag",
-                reason="archive-too-short",
+                reason=Reason.ARCHIVE_TOO_SHORT,
             )
         nonce = _read_at(fd, NONCE_LEN, 0)
         tag = _read_at(fd, TAG_LEN, size - TAG_LEN)
@@ -244,7 +245,7 @@ class _DecryptAhead:
                 got = os.preadv(self._fd, [inview[: min(CHUNK, remaining)]], offset)
                 if not got:
                     raise IntegrityError(
-                        "the archive changed size while it was read", reason="archive-changed"
+                        "the archive changed size while it was read", reason=Reason.ARCHIVE_CHANGED
                     )
                 produced = self._decryptor.update_into(inview[:got], buf)
                 offset += got
@@ -262,5 +263,5 @@ class _DecryptAhead:
 def _read_at(fd: int, length: int, offset: int) -> bytes:
     data = os.pread(fd, length, offset)
     if len(data) != length:
-        raise IntegrityError("the archive changed size while it was read", reason="archive-changed")
+        raise IntegrityError("the archive changed size while it was read", reason=Reason.ARCHIVE_CHANGED)
     return data

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from confinfer.closable import Closable
-from confinfer.errors import IntegrityError, KeyUnwrapError, UsageError
+from confinfer.errors import IntegrityError, KeyUnwrapError, Reason, UsageError
 from loader import format as fmt
 from loader.aead import ChunkCipher, derive_chunk_key, verify_header_tag
 from loader.dest import Destination
@@ -52,17 +52,17 @@ class SealedPackage(Closable):
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise UsageError(
-                f"cannot open {path}: {exc.strerror}", reason="package-unreadable"
+                f"cannot open {path}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
             ) from None
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise UsageError(f"{path} is not a regular file", reason="package-unreadable")
+                raise UsageError(f"{path} is not a regular file", reason=Reason.PACKAGE_UNREADABLE)
             size = info.st_size
             header_len = fmt.read_prefix(os.pread(fd, fmt.PREFIX_LEN, 0), size)
             rest = os.pread(fd, header_len + fmt.TAG_LEN, fmt.PREFIX_LEN)
             if len(rest) != header_len + fmt.TAG_LEN:
-                raise IntegrityError("the package is truncated", reason="truncated")
+                raise IntegrityError("the package is truncated", reason=Reason.TRUNCATED)
             header_bytes, tag = rest[:header_len], rest[header_len:]
             header = fmt.parse_header(header_bytes)
         except BaseException:
@@ -108,7 +108,7 @@ def unseal_package(
         if expected_key_id and not key_ids_match(expected_key_id, header.key_id):
             raise KeyUnwrapError(
                 f"the package was sealed for the KEK {header.key_id}, not {expected_key_id}",
-                reason="key-mismatch",
+                reason=Reason.KEY_MISMATCH,
             )
         dek = unwrapper.unwrap(header.wrapped_dek, header.key_id)
         try:
@@ -155,7 +155,7 @@ def _extract(
         ref = layout.chunk(index)
         record = ref.length + fmt.TAG_LEN
         if os.preadv(pkg.fd, [inbuf[:record]], ref.package_offset) != record:
-            raise IntegrityError("the package is truncated", reason="truncated")
+            raise IntegrityError("the package is truncated", reason=Reason.TRUNCATED)
         n = cipher.open_into(
             index, ref.final, inbuf[: ref.length], inbuf[ref.length : record], outbuf
         )

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from confinfer.errors import Reason
+
 CLI_TIMEOUT_S = 120
 _POLL_S = 0.001
 
@@ -37,10 +39,10 @@ def run_confinfer(*args: str | Path, env: dict[str, str] | None = None,
                           timeout=timeout, env=env, check=False)
 
 
-def assert_refused(result: subprocess.CompletedProcess[str], reason: str, code: int = 1) -> None:
-    """The command failed with exit ``code``, one line ``confinfer: <reason>: ...`` (hint lines
-    aside) and no traceback."""
-    assert result.returncode == code, result.stderr
+def assert_refused(result: subprocess.CompletedProcess[str], reason: str) -> None:
+    """The command failed with the exit code the registry gives ``reason``, one line
+    ``confinfer: <reason>: ...`` (hint lines aside) and no traceback."""
+    assert result.returncode == Reason(reason).exit_code != 0, result.stderr
     assert result.stderr.startswith(f"confinfer: {reason}: "), result.stderr
     lines = [line for line in result.stderr.splitlines() if not line.startswith("hint: ")]
     assert len(lines) == 1, result.stderr

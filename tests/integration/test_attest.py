@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from confinfer import config, hcl, maa
-from confinfer.errors import AttestationError, ServiceError, TpmError
+from confinfer.errors import AttestationError, Reason, ServiceError, TpmError
 from confinfer.tpm import EphemeralKey, Quote, Vtpm
 from tests.cli import run_confinfer
 
@@ -77,7 +77,7 @@ def test_cli_prints_verified_claims_bound_to_the_nonce(tb: RunningTestbed,
 def test_cli_policy_refusal_names_the_claim(tb: RunningTestbed, tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "policy.json", tb.env["CONFINFER_MAA_URL"], "other")
     proc = confinfer(tb, "--policy", str(policy))
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.POLICY_UNSATISFIED.exit_code
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == (
         'confinfer: policy-unsatisfied: x-ms-isolation-tee.x-ms-compliance-status: '
@@ -89,7 +89,7 @@ def test_cli_bad_policy_file_is_a_config_error(tb: RunningTestbed, tmp_path: Pat
     bad = tmp_path / "policy.json"
     bad.write_text('{"version": "1.0.0", "anyOf": []}', encoding="utf-8")
     proc = confinfer(tb, "--policy", str(bad))
-    assert proc.returncode == 2
+    assert proc.returncode == Reason.POLICY_INVALID.exit_code
     assert "confinfer: policy-invalid: " in proc.stderr
     assert str(bad) in proc.stderr
 
@@ -105,7 +105,7 @@ def test_maa_429_honours_retry_after(tb: RunningTestbed) -> None:
 def test_maa_kept_failing_is_a_service_error(tb: RunningTestbed) -> None:
     tb.cli("fault", "maa", "--status", "503")
     proc = confinfer(tb, CONFINFER_MAX_RETRIES="1")
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.MAA_UNAVAILABLE.exit_code
     assert "confinfer: maa-unavailable: " in proc.stderr
     assert "HTTP 503 after 2 attempt(s)" in proc.stderr
 
@@ -113,27 +113,27 @@ def test_maa_kept_failing_is_a_service_error(tb: RunningTestbed) -> None:
 def test_imds_down(tb: RunningTestbed) -> None:
     tb.cli("fault", "imds", "--down")
     proc = confinfer(tb, CONFINFER_MAX_RETRIES="1")
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.IMDS_UNAVAILABLE.exit_code
     assert "confinfer: imds-unavailable: " in proc.stderr
     assert "/metadata/THIM/amd/certification" in proc.stderr
 
 
 def test_untrusted_issuer_is_refused(tb: RunningTestbed) -> None:
     proc = confinfer(tb, CONFINFER_MAA_ALLOWED_ISSUERS="https://sharedeus.eus.attest.azure.net")
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.TOKEN_UNTRUSTED_ISSUER.exit_code
     assert "confinfer: token-untrusted-issuer: " in proc.stderr
 
 
 def test_untrusted_tls_is_refused(tb: RunningTestbed) -> None:
     other_ca = str(Path(tb.env["CONFINFER_CA_BUNDLE"]).with_name("vtpm-ca.pem"))
     proc = confinfer(tb, CONFINFER_CA_BUNDLE=other_ca)
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.MAA_TLS.exit_code
     assert "confinfer: maa-tls: " in proc.stderr
 
 
 def test_unreachable_tpm(tb: RunningTestbed) -> None:
     proc = confinfer(tb, CONFINFER_TPM_TCTI="swtpm:host=127.0.0.1,port=1")
-    assert proc.returncode == 1
+    assert proc.returncode == Reason.TPM_UNREACHABLE.exit_code
     assert "confinfer: tpm-unreachable: " in proc.stderr
 
 

@@ -104,7 +104,7 @@ def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str,
     assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["private"]),
                    "dest-not-empty", code=2)
     assert (dest / "x").read_text() == "keep"
-    assert_refused(unseal(tmp_path / "pkg"), "no-key", code=2)
+    assert_refused(unseal(tmp_path / "pkg"), "no-key")
     assert_refused(unseal(tmp_path / "model", "--kek-private-key", keys["private"]),
                    "package-unreadable", code=2)
 
@@ -114,12 +114,12 @@ def test_seal_refuses_links_and_leaves_no_package(tmp_path: Path, keys: dict[str
     (model / "tokenizer/alias.json").symlink_to(model / "tokenizer/tokenizer.json")
     result = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
                            keys["public"])
-    assert_refused(result, "unsupported-file", code=2)
+    assert_refused(result, "unsupported-file")
     assert "symbolic link" in result.stderr
     assert not (tmp_path / "pkg").exists()
     bad = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
                         keys["public"], "--chunk-size", "lots")
-    assert bad.returncode == 2 and "not a size" in bad.stderr
+    assert bad.returncode == 64 and "not a size" in bad.stderr
 
 
 def test_sigterm_mid_unseal_wipes(tmp_path: Path, keys: dict[str, Path]) -> None:

@@ -28,6 +28,7 @@ from confinfer.errors import (
     AttestationError,
     ConfinferError,
     KeyReleaseError,
+    Reason,
     ServiceError,
     TpmError,
 )
@@ -152,7 +153,7 @@ def test_tutorial_layout_unseals_with_skr(
 
     missing = confinfer(testbed, "unseal", str(pkg), "--dest", str(tmp_path / "d0"), "--skr",
                         CONFINFER_KEY_ID="")
-    assert missing.returncode == 2
+    assert missing.returncode == Reason.NO_KEY_ID.exit_code
     assert missing.stderr.startswith("confinfer: no-key-id: no Key Vault key to release")
     assert not any((tmp_path / "d0").glob("*"))
 
@@ -186,7 +187,7 @@ def test_offline_sealed_package_needs_the_released_kek_to_match(
     assert files_of(src) == files_of(tmp_path / "d1")
     done = confinfer(testbed, "unseal", str(tmp_path / "wrong"), "--dest", str(tmp_path / "d2"),
                      "--skr")
-    assert done.returncode == 1
+    assert done.returncode == Reason.KEY_MISMATCH.exit_code
     assert "confinfer: key-mismatch: the package was sealed for the KEK sha256:" in done.stderr
     assert not any((tmp_path / "d2").glob("*"))
 
@@ -194,7 +195,7 @@ def test_offline_sealed_package_needs_the_released_kek_to_match(
 def test_skr_and_a_private_key_are_exclusive(testbed: RunningTestbed, tmp_path: Path) -> None:
     done = confinfer(testbed, "unseal", str(tmp_path), "--dest", str(tmp_path / "d"), "--skr",
                      "--kek-private-key", str(tmp_path / "k.pem"))
-    assert done.returncode == 2
+    assert done.returncode == Reason.USAGE.exit_code
     assert "--skr and --kek-private-key are two different key sources" in done.stderr
 
 
@@ -227,7 +228,7 @@ def test_release_policy_refusal_names_the_claim(
     assert confinfer(testbed, "seal", str(src), "--out", str(pkg), "--key-id", kid).returncode == 0
 
     done = confinfer(testbed, "unseal", str(pkg), "--dest", str(tmp_path / "dest"), "--skr")
-    assert done.returncode == 1
+    assert done.returncode == Reason.RELEASE_REFUSED.exit_code
     line = done.stderr.strip().splitlines()[-2]
     assert line.startswith(f"confinfer: release-refused: Key Vault refused to release {kid}: ")
     assert "x-ms-isolation-tee.x-ms-compliance-status" in line
@@ -321,7 +322,7 @@ def test_imds_down_from_the_start(
     testbed.cli("fault", "imds", "--down")
     done = confinfer(testbed, "unseal", str(pkg), "--dest", str(tmp_path / "d"), "--skr",
                      CONFINFER_MAX_RETRIES="1")
-    assert done.returncode == 1
+    assert done.returncode == Reason.IMDS_UNAVAILABLE.exit_code
     # The VCEK chain (IMDS THIM) is the first thing attestation needs from IMDS.
     assert "\nconfinfer: imds-unavailable: imds at " in done.stderr
 
@@ -429,7 +430,7 @@ def test_unseal_refuses_a_release_answer_from_outside_the_configured_roots(
     other.write_bytes(Trust.create().ca.cert_pem)
     refused = confinfer(testbed, "unseal", str(pkg), "--dest", str(tmp_path / "dest"), "--skr",
                         CONFINFER_KEYVAULT_RELEASE_CA_BUNDLE=str(other))
-    assert refused.returncode == 1
+    assert refused.returncode == Reason.RELEASE_SIGNATURE_INVALID.exit_code
     assert refused.stderr.splitlines()[-2].startswith(
         "confinfer: release-signature-invalid: Key Vault's release answer does not verify"
     ), refused.stderr

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from confinfer import cli, log
-from confinfer.errors import ConfinferError, IntegrityError
+from confinfer.errors import ConfinferError, IntegrityError, Reason
 
 pytestmark = pytest.mark.unit
 
@@ -46,14 +46,14 @@ def test_expected_failure_is_one_line_and_exit_code(
     monkeypatch.setattr(parser, "parse_args", lambda argv=None: ns)
     code = cli.main([])
     err = capsys.readouterr().err.splitlines()
-    assert code == 1
+    assert code == 65  # EX_DATAERR: integrity failures
     assert err == ["confinfer: integrity: package failed authentication",
                    "hint: re-copy the package"]
 
 
 def test_error_reason_override_and_details() -> None:
-    exc = ConfinferError("x", reason="custom-slug", details={"claim": "a.b"})
-    assert exc.one_line() == "custom-slug: x"
+    exc = ConfinferError("x", reason=Reason.KEY_MISMATCH, details={"claim": "a.b"})
+    assert exc.one_line() == "key-mismatch: x"
     assert exc.details == {"claim": "a.b"}
 
 

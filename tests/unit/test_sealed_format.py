@@ -26,6 +26,7 @@ from confinfer.errors import (
     FormatError,
     IntegrityError,
     KeyUnwrapError,
+    Reason,
     UsageError,
 )
 from loader import format as fmt
@@ -521,7 +522,7 @@ def test_first_worker_failure_stops_the_rest() -> None:
 
     def work(index: int, inbuf: memoryview, outbuf: memoryview) -> None:
         if index == 3:
-            raise IntegrityError("bad", reason="chunk-integrity")
+            raise IntegrityError("bad", reason=Reason.CHUNK_INTEGRITY)
         done.append(index)
 
     with pytest.raises(IntegrityError):

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from confinfer.errors import AttestationError, ServiceError
+from confinfer.errors import AttestationError, Reason, ServiceError
 from confinfer.token import JwksCache, unverified, verify_token
 
 pytestmark = pytest.mark.unit
@@ -99,7 +99,7 @@ class Issuer:
     def __call__(self, url: str) -> Any:
         self.fetched.append(url)
         if url not in self.docs:
-            raise ServiceError(f"{url} answered HTTP 404", reason="token-jwks-unavailable")
+            raise ServiceError(f"{url} answered HTTP 404", reason=Reason.TOKEN_JWKS_UNAVAILABLE)
         return self.docs[url]
 
 
@@ -253,7 +253,7 @@ def test_small_keys_are_refused() -> None:
 
 def test_unreachable_issuer_is_a_service_error() -> None:
     def down(url: str) -> Any:
-        raise ServiceError(f"cannot fetch {url}", reason="token-jwks-unavailable")
+        raise ServiceError(f"cannot fetch {url}", reason=Reason.TOKEN_JWKS_UNAVAILABLE)
 
     with pytest.raises(ServiceError) as err:
         verify(sign(claims(), key("a")), down)
