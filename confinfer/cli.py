@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="verbose logs and tracebacks on failure"
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub: argparse._SubParsersAction[argparse.ArgumentParser] = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_Parser
+    )
     for ep in sorted(entry_points(group="confinfer.commands"), key=lambda e: e.name):
         register: Register = ep.load()
         register(sub)

@@ -1,39 +1,54 @@
-"""Azure Key Vault Secure Key Release: the release call and verification of its signed answer.
+"""The one Key Vault client: wrapKey, unwrapKey, Secure Key Release and the key's release policy.
 
-:func:`release_key` asks Key Vault (or a Managed HSM) to release an exportable key against an MAA
-token, using the VM's managed identity, and returns the JWS Key Vault answers with once that JWS
-has been verified here: RS256 only, the ``x5c`` chain up to a trust anchor (``cfg.ca_bundle``, or
-the system store), the signature with the chain's leaf, the released ``kid`` against the one asked
-for, and the request nonce echoed back. Key Vault's own clients do not check that signature; we do,
-so a released key is never taken from whoever managed to answer on the vault's address.
+**Which key, which host.** A package's key id is a hint, never an address. :func:`choose_key`
+is the one place that turns a hint into a key to ask for: the vault host and key that receive
+any request come only from ``key_id`` (which ``--key-id`` overrides) and
+``keyvault_allowed_keys``. A hint naming anything else is refused with ``key-mismatch`` before
+any network request, and :class:`KeyVault` itself refuses a key id the configuration does not
+allow, so no caller can route a request elsewhere.
 
-Retries are ours, not the SDK's (its pipeline runs with ``retry_total=0``): up to
-``cfg.max_retries`` more attempts after a 5xx, a 429 or a connection failure, waiting 0.5 s, 1 s,
-2 s, ... (at most 8 s) or what ``Retry-After`` asks for (at most 30 s, else we give up at once).
-Releasing is free of side effects, so repeating the POST is safe. Every other answer fails at once
-with its own reason.
+**One credential policy** (:meth:`KeyVault.access_token`): the token's audience comes from the
+vault's host name (``*.vault.azure.net`` -> ``https://vault.azure.net``, Managed HSM and the
+national clouds alike), never from the vault's answer. With ``azure_credential = "auto"``, Secure
+Key Release and release-policy reads use the VM's managed identity (confinfer.imds); seal's
+wrapKey and unseal's unwrapKey use azure-identity's ``DefaultAzureCredential`` (``az login`` on
+an operator's machine). A 401 challenge whose ``resource`` disagrees with that audience is
+refused (``keyvault-challenge-invalid``) when ``keyvault_verify_challenge_resource`` is on.
+
+**One retry policy and one HTTP layer**: confinfer.http (total deadline, capped bodies, bounded
+retries with one Retry-After rule). **One error map**: :func:`_refusal`.
+
+**The release answer is verified** as Key Vault signs it (shared/reference/azure-protocols.md
+§7): a compact JWS, RS256 only, signed by the x5c leaf, which is the vault's own TLS service
+certificate: its chain leads to the configured release roots (``keyvault_release_ca_bundle``,
+else ``ca_bundle``, else the system store), it is valid for TLS server authentication (EKU
+serverAuth) and for the vault host asked (SAN), and the header's ``x5t#S256`` is its SHA-256
+thumbprint. The payload must echo the request: ``request.kid`` is the key asked for and
+``request.enc`` the wrapping asked for (and ``request.nonce`` a nonce sent), and it must release
+that key. Key Vault's own SDKs check none of this; we do, so a released key is never taken from
+whoever managed to answer on the vault's address.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import datetime as dt
+import hashlib
+import hmac
+import ipaddress
 import json
 import logging
-import os
+import re
 import ssl
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlparse
+from typing import Any
+from urllib.parse import quote, urlparse
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
     ExtensionPolicy,
     PolicyBuilder,
@@ -41,27 +56,44 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from confinfer.config import SKR_ALGORITHMS, Config
-from confinfer.errors import KeyReleaseError, Reason, ServiceError, UsageError
-from confinfer.token import decode_b64url
-
-if TYPE_CHECKING:
-    from azure.keyvault.keys import KeyClient
+from confinfer import imds, jose, log
+from confinfer.config import Config
+from confinfer.errors import (
+    ConfinferError,
+    KeyReleaseError,
+    KeyUnwrapError,
+    Reason,
+    ServiceError,
+    UsageError,
+    printable,
+)
+from confinfer.http import KEYVAULT, Http, Reply, error_text
 
 LOG = logging.getLogger(__name__)
 
-# Hook for step timings: called with a step name and its duration in seconds.
-StepHook = Callable[[str, float], None]
-
-BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 8.0
-RETRY_AFTER_MAX_S = 30.0
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
-# azure-identity reads its IMDS redirect from this variable only.
-_IMDS_REDIRECT_VAR = "AZURE_POD_IDENTITY_AUTHORITY_HOST"
-_AZURE_IMDS = "http://169.254.169.254"
+API_VERSION = "7.4"
+# Secure Key Release wrapping algorithms ("enc") and the OAEP hash of their RSA part.
+SKR_ALGORITHMS: Mapping[str, str] = {
+    "RSA_AES_KEY_WRAP_256": "sha256",
+    "CKM_RSA_AES_KEY_WRAP": "sha1",
+    "RSA_AES_KEY_WRAP_384": "sha384",
+}
+# Audiences by the vault host's DNS suffix; anything else (a local emulator) gets the first.
+_AUDIENCES = (
+    (".vault.azure.net", "https://vault.azure.net"),
+    (".managedhsm.azure.net", "https://managedhsm.azure.net"),
+    (".vault.azure.cn", "https://vault.azure.cn"),
+    (".managedhsm.azure.cn", "https://managedhsm.azure.cn"),
+    (".vault.usgovcloudapi.net", "https://vault.usgovcloudapi.net"),
+    (".managedhsm.usgovcloudapi.net", "https://managedhsm.usgovcloudapi.net"),
+)
 # Key Vault's answer when the identity lacks the data-plane role (RBAC) or an access policy.
 _ACCESS_DENIED_CODES = frozenset({"ForbiddenByRbac", "ForbiddenByPolicy", "AccessDenied"})
+_NAME = re.compile(r"[0-9A-Za-z-]{1,127}")
+_VERSION = re.compile(r"[0-9A-Za-z]{1,64}")
+
+
+# --- key ids and the key-trust rule ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -73,19 +105,23 @@ class KeyId:
     version: str | None = None
 
     @classmethod
-    def parse(cls, kid: str) -> KeyId:
-        url = urlparse(kid.strip())
-        parts = [p for p in url.path.split("/") if p]
+    def parse(cls, kid: object) -> KeyId:
+        url = urlparse(kid.strip()) if isinstance(kid, str) else None
+        parts = [p for p in url.path.split("/") if p] if url else []
         if (
-            url.scheme != "https"
-            or not url.netloc
+            url is None
+            or url.scheme != "https"
+            or not url.hostname
+            or url.username is not None
             or url.query
             or url.fragment
             or len(parts) not in (2, 3)
             or parts[0] != "keys"
+            or not _NAME.fullmatch(parts[1])
+            or (len(parts) == 3 and not _VERSION.fullmatch(parts[2]))
         ):
             raise UsageError(
-                f"not a Key Vault key id: {kid!r}",
+                f"not a Key Vault key id: {printable(repr(kid), 200)}",
                 reason=Reason.KEY_ID_INVALID,
                 hint="expected https://<vault>.vault.azure.net/keys/<name>[/<version>]",
             )
@@ -99,17 +135,68 @@ class KeyId:
         base = f"{self.vault_url}/keys/{self.name}"
         return f"{base}/{self.version}" if self.version else base
 
-    def accepts(self, released_kid: str) -> bool:
-        """Whether a released key's ``kid`` is this key (any version when none was asked for)."""
-        try:
-            other = KeyId.parse(released_kid)
-        except UsageError:
-            return False
+    @property
+    def host(self) -> str:
+        return urlparse(self.vault_url).hostname or ""
+
+    @property
+    def audience(self) -> str:
+        """The access-token audience for this vault, from its host name alone."""
+        host = self.host
+        for suffix, audience in _AUDIENCES:
+            if host.endswith(suffix):
+                return audience
+        return _AUDIENCES[0][1]
+
+    def accepts(self, other: KeyId) -> bool:
+        """Whether ``other`` is this key (any version of it when this one names none)."""
         if (other.vault_url, other.name) != (self.vault_url, self.name):
             return False
-        if self.version is None:
-            return other.version is not None
-        return other.version == self.version
+        return self.version is None or other.version == self.version
+
+
+def allowed_keys(cfg: Config) -> tuple[KeyId, ...]:
+    """The keys requests may be made for: ``key_id`` (or ``--key-id``), ``keyvault_allowed_keys``."""
+    ids = ([cfg.key_id] if cfg.key_id else []) + list(cfg.keyvault_allowed_keys)
+    return tuple(KeyId.parse(kid) for kid in ids)
+
+
+def choose_key(cfg: Config, hint: str | None) -> KeyId:
+    """The key to ask Key Vault for, given a package's key id ``hint`` (unauthenticated).
+
+    ``hint`` may select among the allowed keys (and a version of an allowed versionless key);
+    it never adds one. A ``sha256:`` fingerprint hint (a package sealed offline) and no hint at
+    all leave the choice to ``key_id``. Raises ``no-key-id`` or ``key-mismatch``; makes no
+    request.
+    """
+    allowed = allowed_keys(cfg)
+    if not allowed:
+        raise UsageError(
+            "no Key Vault key is configured",
+            reason=Reason.NO_KEY_ID,
+            hint="give --key-id KID or set key_id (CONFINFER_KEY_ID); a package's own key id is "
+            "only checked against the configured keys, never used as an address",
+        )
+    if not hint or hint.startswith("sha256:"):
+        return allowed[0]
+    try:
+        asked = KeyId.parse(hint)
+    except UsageError:
+        asked = None
+    for key in allowed:
+        if asked is not None and key.accepts(asked):
+            # Host, name (and a pinned version) are the configuration's; only a version the
+            # configuration left open comes from the package.
+            return KeyId(key.vault_url, key.name, key.version or asked.version)
+    raise KeyUnwrapError(
+        f"the package names the key {printable(hint, 300)}, which is not a configured key "
+        f"({', '.join(str(k) for k in allowed)}); no request was made",
+        reason=Reason.KEY_MISMATCH,
+        hint="if the package is genuine, add its key to keyvault_allowed_keys or give --key-id",
+    )
+
+
+# --- the released key ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -133,9 +220,6 @@ class ReleasedKey:
     def key_hsm(self) -> str:
         """base64url of the transfer blob (JSON with ``header`` and ``ciphertext``)."""
         return str(self.key["key_hsm"])
-
-
-# --- verification ----------------------------------------------------------------------------
 
 
 def _invalid(message: str) -> KeyReleaseError:
@@ -168,7 +252,8 @@ def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
         except (OSError, ValueError) as exc:
             if ca_bundle is not None:
                 raise KeyReleaseError(
-                    f"cannot read trust anchors from {path}: {exc}", reason=Reason.TRUST_ANCHOR_INVALID
+                    f"cannot read trust anchors from {path}: {exc}",
+                    reason=Reason.TRUST_ANCHOR_INVALID,
                 ) from None
     if not roots:
         raise KeyReleaseError(
@@ -179,87 +264,103 @@ def trust_anchors(ca_bundle: Path | None) -> list[x509.Certificate]:
     return roots
 
 
-def _verify_chain(x5c: Any, roots: list[x509.Certificate], now: dt.datetime) -> x509.Certificate:
-    if not isinstance(x5c, list) or not x5c or not all(isinstance(c, str) for c in x5c):
-        raise _invalid("the header has no x5c certificate chain")
+def _subject(host: str) -> x509.DNSName | x509.IPAddress:
     try:
-        certs = [
-            x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c
-        ]
-    except (binascii.Error, ValueError):
-        raise _invalid("the x5c chain holds something that is not a DER certificate") from None
-    leaf, intermediates = certs[0], certs[1:]
-    # The signing certificate's purposes are Key Vault's business; what matters here is that a
-    # trusted CA issued it. CA certificates in the path get the usual Web PKI checks.
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _verify_signer(
+    header: Mapping[str, Any], host: str, roots: Sequence[x509.Certificate], now: dt.datetime
+) -> x509.Certificate:
+    """The x5c leaf, once it is shown to be a TLS server certificate for ``host``."""
+    try:
+        certs = jose.x5c(header)
+    except jose.JoseError as exc:
+        raise _invalid(str(exc)) from None
+    leaf = certs[0]
+    thumbprint = header.get("x5t#S256")
+    expected = jose.b64url_encode(hashlib.sha256(leaf.public_bytes(Encoding.DER)).digest())
+    if not isinstance(thumbprint, str) or not hmac.compare_digest(thumbprint, expected):
+        raise _invalid("the header's x5t#S256 is not the thumbprint of its x5c certificate")
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        usages = None
+    if usages is None or ExtendedKeyUsageOID.SERVER_AUTH not in usages:
+        raise _invalid("the signing certificate is not a TLS server certificate")
+    # The x5c root, when present, is not trusted for being there: only the configured roots.
+    intermediates = [c for c in certs[1:] if c not in roots]
     verifier = (
         PolicyBuilder()
-        .store(Store(roots))
+        .store(Store(list(roots)))
         .time(now)
         .extension_policies(
             ca_policy=ExtensionPolicy.webpki_defaults_ca(),
             ee_policy=ExtensionPolicy.permit_all(),
         )
-        .build_client_verifier()
+        .build_server_verifier(_subject(host))
     )
     try:
         verifier.verify(leaf, intermediates)
     except VerificationError as exc:
-        raise _invalid(f"the x5c chain does not lead to a trusted root ({exc})") from None
+        raise _invalid(
+            f"the signing certificate is not valid for {host} under the trusted roots "
+            f"({printable(exc, 200)})"
+        ) from None
     return leaf
 
 
 def verify_release(
-    jws: str,
+    compact: str,
     key_id: KeyId,
     *,
-    roots: list[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    algorithm: str,
     nonce: str | None = None,
-    algorithm: str | None = None,
     now: dt.datetime | None = None,
 ) -> ReleasedKey:
-    """Verify a Secure Key Release JWS and return it with its payload; raise KeyReleaseError.
-
-    Checks: compact form; ``alg`` is RS256 (``none`` and HMAC are refused); the ``x5c`` chain
-    leads to one of ``roots`` and is valid at ``now``; the signature verifies with the leaf; the
-    payload's ``response.key.key.kid`` is ``key_id`` (any version when ``key_id`` has none) and
-    carries ``key_hsm``; a sent ``nonce`` (and ``algorithm``) is echoed in ``request``.
-    """
-    if not isinstance(jws, str):
-        raise _invalid("the answer is not a compact JWS")
-    parts = jws.split(".")
-    if len(parts) != 3 or not all(parts):
-        raise _invalid("the answer is not a signed compact JWS")
+    """Verify a Secure Key Release JWS as the module docstring says; its payload."""
     try:
-        header = json.loads(decode_b64url(parts[0]))
-        payload = json.loads(decode_b64url(parts[1]))
-        signature = decode_b64url(parts[2])
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid("the JWS is not base64url-encoded JSON") from None
-    if not isinstance(header, dict) or not isinstance(payload, dict):
-        raise _invalid("the JWS header or payload is not a JSON object")
-    alg = header.get("alg")
-    if alg != "RS256":
-        raise _invalid(f"JWS algorithm {alg!r} refused (only RS256 is accepted)")
-    if header.get("crit"):
-        raise _invalid("the JWS names critical header extensions we do not implement")
-    leaf = _verify_chain(header.get("x5c"), roots, now or dt.datetime.now(dt.UTC))
+        jws = jose.parse(compact)
+    except jose.JoseError as exc:
+        raise _invalid(str(exc)) from None
+    leaf = _verify_signer(jws.header, key_id.host, roots, now or dt.datetime.now(dt.UTC))
     public_key = leaf.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey):
-        raise _invalid("the x5c leaf does not hold an RSA key")
+        raise _invalid("the signing certificate does not hold an RSA key")
     try:
-        public_key.verify(
-            signature,
-            f"{parts[0]}.{parts[1]}".encode("ascii"),
-            padding.PKCS1v15(),
-            hashes.SHA256(),
-        )
-    except InvalidSignature:
+        jose.verify(jws, public_key)
+    except jose.JoseError:
         raise _invalid("the signature does not verify with the x5c leaf certificate") from None
-
+    payload = jws.payload
+    request = payload.get("request")
+    echoed = request if isinstance(request, dict) else {}
+    try:
+        asked = KeyId.parse(echoed.get("kid"))
+    except UsageError:
+        asked = None
+    if asked != key_id:
+        raise KeyReleaseError(
+            f"Key Vault's signed answer is for a request for "
+            f"{printable(echoed.get('kid'), 200)}, not {key_id}",
+            reason=Reason.RELEASE_KEY_MISMATCH,
+        )
+    if echoed.get("enc") != algorithm:
+        raise KeyReleaseError(
+            f"Key Vault's signed answer names the wrapping {printable(echoed.get('enc'), 80)} "
+            f"where {algorithm} was asked for",
+            reason=Reason.RELEASE_ANSWER_INVALID,
+        )
+    if nonce is not None and echoed.get("nonce") != nonce:
+        raise KeyReleaseError(
+            "Key Vault's release answer does not echo this request's nonce (a replayed answer?)",
+            reason=Reason.RELEASE_NONCE_MISMATCH,
+        )
     try:
         key = payload["response"]["key"]["key"]
-        released_kid = key["kid"]
-        key_hsm = key["key_hsm"]
+        released_kid, key_hsm = key["kid"], key["key_hsm"]
     except (KeyError, TypeError):
         raise KeyReleaseError(
             "Key Vault's release answer has no response.key.key with kid and key_hsm",
@@ -270,324 +371,243 @@ def verify_release(
             "Key Vault's release answer has a malformed kid or key_hsm",
             reason=Reason.RELEASE_ANSWER_INVALID,
         )
-    if not key_id.accepts(released_kid):
+    try:
+        released = KeyId.parse(released_kid)
+    except UsageError:
+        released = None
+    if released is None or released.version is None or not key_id.accepts(released):
         raise KeyReleaseError(
-            f"Key Vault released {released_kid!r} where {key_id} was asked for",
+            f"Key Vault released {printable(released_kid, 200)} where {key_id} was asked for",
             reason=Reason.RELEASE_KEY_MISMATCH,
         )
-    request = payload.get("request")
-    echoed = request if isinstance(request, dict) else {}
-    if nonce is not None and echoed.get("nonce") != nonce:
-        raise KeyReleaseError(
-            "Key Vault's release answer does not echo this request's nonce (a replayed answer?)",
-            reason=Reason.RELEASE_NONCE_MISMATCH,
-        )
-    if algorithm is not None and "enc" in echoed and echoed["enc"] != algorithm:
-        raise KeyReleaseError(
-            f"Key Vault wrapped the key with {echoed['enc']!r} where {algorithm} was asked for",
-            reason=Reason.RELEASE_ANSWER_INVALID,
-        )
-    return ReleasedKey(jws=jws, payload=payload)
+    return ReleasedKey(jws=compact, payload=payload)
 
 
-# --- the release call ------------------------------------------------------------------------
+# --- the client ------------------------------------------------------------------------------
 
 
-class _TimedCredential:
-    """Wraps the managed-identity credential: times token requests and names their failures.
+def _challenge_resource(reply: Reply) -> str | None:
+    header = reply.headers.get("WWW-Authenticate", "")
+    match = re.search(r'(?:resource|scope)="([^"]*)"', header)
+    return match.group(1) if match else None
 
-    Errors raised here are ConfinferErrors, not AzureErrors, so they pass through the SDK's
-    pipeline untouched and reach the caller with our reason.
-    """
 
-    def __init__(self, inner: Any, imds: str, on_step: StepHook | None) -> None:
-        self._inner = inner
-        self._imds = imds
-        self._on_step = on_step
-        self.spent_s = 0.0
+def _inner_code(reply: Reply) -> str | None:
+    try:
+        body = reply.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    inner = error.get("innererror") if isinstance(error, dict) else None
+    code = inner.get("code") if isinstance(inner, dict) else None
+    return str(code) if code else None
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from azure.core.exceptions import ClientAuthenticationError
-        from azure.identity import CredentialUnavailableError
 
-        start = time.perf_counter()
-        try:
-            return getattr(self._inner, method)(*args, **kwargs)
-        except CredentialUnavailableError as exc:
-            raise ServiceError(
-                f"no managed-identity token: IMDS at {self._imds} did not answer "
-                f"({_first_line(str(exc))})",
-                reason=Reason.IMDS_UNAVAILABLE,
-                hint="run this on an Azure VM with a managed identity, or check that IMDS "
-                "(169.254.169.254) is reachable from this process",
-            ) from None
-        except ClientAuthenticationError as exc:
-            raise ServiceError(
-                f"IMDS refused a managed-identity token: {_first_line(str(exc))}",
-                reason=Reason.IMDS_TOKEN_REFUSED,
-                hint="assign a managed identity to the VM; with several, set "
-                "managed_identity_client_id",
-            ) from None
-        finally:
-            spent = time.perf_counter() - start
-            self.spent_s += spent
-            if self._on_step is not None:
-                self._on_step("imds-token", spent)
+class KeyVault:
+    """The Key Vault data plane for the keys ``cfg`` allows. Use with ``with``."""
 
-    def get_token(self, *scopes: str, **kwargs: Any) -> Any:
-        return self._call("get_token", *scopes, **kwargs)
-
-    def get_token_info(self, *scopes: str, options: Any = None) -> Any:
-        return self._call("get_token_info", *scopes, options=options)
+    def __init__(self, cfg: Config, *, http: Http | None = None) -> None:
+        self._cfg = cfg
+        self._own_http = http is None
+        self._http = http if http is not None else Http(cfg)
+        self._allowed = allowed_keys(cfg)
+        self._operator_credential: Any = None
 
     def close(self) -> None:
-        self._inner.close()
+        if self._own_http:
+            self._http.close()
 
+    def __enter__(self) -> KeyVault:
+        return self
 
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "no detail"
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
+    # credentials
 
-def managed_identity_credential(cfg: Config) -> Any:
-    """``ManagedIdentityCredential`` for ``cfg``, pointed at ``cfg.imds`` and bounded in retries."""
-    from azure.identity import ManagedIdentityCredential
+    def access_token(self, key: KeyId, operation: str) -> str:
+        """A bearer token for ``key``'s vault, from the credential the policy picks."""
+        choice = self._cfg.azure_credential
+        if choice == "auto":
+            choice = "managed-identity" if operation in ("release", "get") else "default"
+        if choice == "managed-identity":
+            return imds.managed_identity_token(self._http, self._cfg, key.audience).token
+        return self._azure_identity_token(choice, key.audience)
 
-    # azure-identity takes its IMDS address only from the environment; keep it in step with the
-    # configuration (which itself defaults to that variable).
-    if cfg.imds_url is not None and os.environ.get(_IMDS_REDIRECT_VAR, _AZURE_IMDS).rstrip(
-        "/"
-    ) != cfg.imds:
-        os.environ[_IMDS_REDIRECT_VAR] = cfg.imds
-    return ManagedIdentityCredential(
-        client_id=cfg.managed_identity_client_id,
-        # azure-identity's IMDS backoff (0.8 s doubling) with our bound on attempts.
-        retry_total=cfg.max_retries,
-        retry_connect=cfg.max_retries,
-        retry_read=cfg.max_retries,
-        retry_status=cfg.max_retries,
-    )
+    def _azure_identity_token(self, choice: str, audience: str) -> str:
+        # Imported here: azure-identity costs start-up time that the VM's path never needs.
+        from azure.core.exceptions import ClientAuthenticationError
+        from azure.identity import AzureCliCredential, CredentialUnavailableError
+        from azure.identity import DefaultAzureCredential
 
-
-def _retry_delay(attempt: int, retry_after: str | None) -> float | None:
-    """Seconds to wait before attempt ``attempt + 1``; None when Retry-After is beyond our cap."""
-    if retry_after is not None:
-        try:
-            wanted = float(retry_after)
-        except ValueError:
-            wanted = -1.0
-        if wanted > RETRY_AFTER_MAX_S:
-            return None
-        if wanted >= 0:
-            return wanted
-    return float(min(BACKOFF_FIRST_S * 2**attempt, BACKOFF_MAX_S))
-
-
-def _service_message(exc: Any) -> str:
-    """Key Vault's own words from an HttpResponseError: ``code: message`` (or the status).
-
-    The inner error code, when there is one, is the precise one (``ForbiddenByRbac``,
-    ``ReleasePolicyNotSatisfied``, ...); the outer one is the HTTP status in words.
-    """
-    error = getattr(exc, "error", None)
-    code = _inner_code(exc) or getattr(error, "code", None)
-    message = getattr(error, "message", None)
-    if message:
-        return f"{code}: {message}" if code else str(message)
-    return _first_line(getattr(exc, "message", None) or str(exc))
-
-
-def _inner_code(exc: Any) -> str | None:
-    error = getattr(exc, "error", None)
-    inner = getattr(error, "innererror", None)
-    if isinstance(inner, Mapping):
-        code = inner.get("code")
-        return str(code) if code else None
-    return None
-
-
-def _map_http_error(exc: Any, key_id: KeyId) -> Exception:
-    status = getattr(exc, "status_code", None)
-    said = _service_message(exc)
-    if status == 403:
-        if _inner_code(exc) in _ACCESS_DENIED_CODES:
-            return KeyReleaseError(
-                f"Key Vault denied this identity the release of {key_id}: {said}",
-                reason=Reason.KEYVAULT_FORBIDDEN,
-                hint="grant the VM's managed identity the 'Key Vault Crypto Service Release "
-                "User' role (or keys/release in an access policy)",
-            )
-        return KeyReleaseError(
-            f"Key Vault refused to release {key_id}: {said}",
-            reason=Reason.RELEASE_REFUSED,
-            details={"service_message": said},
-            hint="compare the key's release policy with the attestation token's claims "
-            "(`confinfer attest` prints them)",
-        )
-    if status == 401:
-        return ServiceError(
-            f"Key Vault rejected the managed identity's token: {said}",
-            reason=Reason.KEYVAULT_UNAUTHORIZED,
-            hint="check that the managed identity belongs to the vault's tenant "
-            "(managed_identity_client_id)",
-        )
-    if status == 404:
-        return KeyReleaseError(
-            f"Key Vault has no key {key_id}: {said}",
-            reason=Reason.KEY_NOT_FOUND,
-            hint="check key_id (name and version) and the vault URL",
-        )
-    if status is not None and (status >= 500 or status == 429):
-        return ServiceError(
-            f"Key Vault kept failing ({status}) releasing {key_id}: {said}",
-            reason=Reason.KEYVAULT_UNAVAILABLE,
-        )
-    return KeyReleaseError(
-        f"Key Vault could not release {key_id} ({status}): {said}",
-        reason=Reason.KEYVAULT_FAILED,
-    )
-
-
-def _release_with_retries(
-    client: KeyClient,
-    key_id: KeyId,
-    maa_token: str,
-    algorithm: str,
-    nonce: str | None,
-    max_retries: int,
-    sleep: Callable[[float], None],
-) -> str:
-    from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
-    from azure.keyvault.keys import KeyExportEncryptionAlgorithm
-
-    attempt = 0
-    while True:
-        try:
-            result = client.release_key(
-                key_id.name,
-                maa_token,
-                version=key_id.version,
-                algorithm=KeyExportEncryptionAlgorithm(algorithm),
-                nonce=nonce,
-            )
-            return str(result.value)
-        except HttpResponseError as exc:
-            status = exc.status_code
-            headers = getattr(exc.response, "headers", None) or {}
-            retry_after = headers.get("Retry-After")
-            if status in _RETRY_STATUSES and attempt < max_retries:
-                delay = _retry_delay(attempt, retry_after)
-                if delay is None:
-                    raise ServiceError(
-                        f"Key Vault is throttling key releases (Retry-After: {retry_after} s)",
-                        reason=Reason.KEYVAULT_THROTTLED,
-                        hint=f"retry in {retry_after} s",
-                    ) from None
-                attempt += 1
-                LOG.warning(
-                    "Key Vault answered %s; retry %d/%d in %.1f s", status, attempt,
-                    max_retries, delay,
+        if self._operator_credential is None:
+            if choice == "cli":
+                self._operator_credential = AzureCliCredential()
+            else:
+                client_id = self._cfg.managed_identity_client_id
+                self._operator_credential = DefaultAzureCredential(
+                    **({"managed_identity_client_id": client_id} if client_id else {})
                 )
-                sleep(delay)
-                continue
-            raise _map_http_error(exc, key_id) from None
-        except (ServiceRequestError, ServiceResponseError) as exc:
-            if attempt < max_retries:
-                delay = _retry_delay(attempt, None) or BACKOFF_MAX_S
-                attempt += 1
-                LOG.warning(
-                    "Key Vault unreachable (%s); retry %d/%d in %.1f s",
-                    _first_line(str(exc)), attempt, max_retries, delay,
-                )
-                sleep(delay)
-                continue
+        try:
+            with log.step("imds-token"):
+                return str(self._operator_credential.get_token(audience + "/.default").token)
+        except (CredentialUnavailableError, ClientAuthenticationError) as exc:
             raise ServiceError(
-                f"Key Vault at {key_id.vault_url} is unreachable: {_first_line(str(exc))}",
-                reason=Reason.KEYVAULT_UNAVAILABLE,
-                hint="check DNS, the network path to the vault and ca_bundle",
+                f"no Azure credential for {audience}: "
+                f"{printable(str(exc).strip().splitlines()[0] if str(exc).strip() else exc)}",
+                reason=Reason.KEYVAULT_UNAUTHORIZED,
+                hint="sign in with `az login` (or set azure_credential); the identity needs "
+                "the key's wrap/unwrap permission",
             ) from None
 
+    # requests
 
-def _key_client(cfg: Config, kid: KeyId, credential: Any) -> KeyClient:
-    from azure.keyvault.keys import KeyClient
-
-    options: dict[str, Any] = {
-        "verify_challenge_resource": cfg.keyvault_verify_challenge_resource,
-        "retry_total": 0,  # retries are ours: see the module docstring
-        "connection_timeout": cfg.http_timeout_s,
-        "read_timeout": cfg.http_timeout_s,
-    }
-    if cfg.ca_bundle is not None:
-        options["connection_verify"] = str(cfg.ca_bundle)
-    return KeyClient(kid.vault_url, credential, **options)
-
-
-def release_key(
-    cfg: Config,
-    key_id: str | KeyId,
-    maa_token: str,
-    *,
-    algorithm: str = "RSA_AES_KEY_WRAP_256",
-    nonce: str | None = None,
-    on_step: StepHook | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> ReleasedKey:
-    """Release ``key_id`` to the holder of ``maa_token`` and return the verified answer.
-
-    ``on_step`` receives ``("imds-token", s)`` for each managed-identity token request and
-    ``("keyvault-release", s)`` for the rest of the call (challenge, release, retries,
-    verification). Errors: KeyReleaseError (``release-refused`` carrying Key Vault's reason,
-    ``key-not-found``, ``keyvault-forbidden``, ``release-signature-invalid``,
-    ``release-key-mismatch``, ``release-nonce-mismatch``), ServiceError (``imds-unavailable``,
-    ``imds-token-refused``, ``keyvault-unauthorized``, ``keyvault-unavailable``,
-    ``keyvault-unreachable``, ``keyvault-throttled``).
-    """
-    kid = key_id if isinstance(key_id, KeyId) else KeyId.parse(key_id)
-    if algorithm not in SKR_ALGORITHMS:
-        raise UsageError(
-            f"unknown key-release algorithm {algorithm!r}; expected one of "
-            f"{', '.join(SKR_ALGORITHMS)}",
-            reason=Reason.USAGE,
-        )
-    roots = trust_anchors(cfg.release_roots)
-    start = time.perf_counter()
-    credential = _TimedCredential(managed_identity_credential(cfg), cfg.imds, on_step)
-    try:
-        with _key_client(cfg, kid, credential) as client:
-            jws = _release_with_retries(
-                client, kid, maa_token, algorithm, nonce, cfg.max_retries, sleep
+    def _check_allowed(self, key: KeyId) -> None:
+        if not any(a.accepts(key) for a in self._allowed):
+            raise KeyUnwrapError(
+                f"{key} is not a configured key; no request was made",
+                reason=Reason.KEY_MISMATCH,
             )
-        released = verify_release(jws, kid, roots=roots, nonce=nonce, algorithm=algorithm)
-    finally:
-        credential.close()
-        if on_step is not None:
-            on_step("keyvault-release", time.perf_counter() - start - credential.spent_s)
-    LOG.debug("Key Vault released %s", released.kid)
-    return released
 
+    def _call(self, key: KeyId, operation: str, body: Mapping[str, Any] | None) -> Any:
+        self._check_allowed(key)
+        version = key.version or ""
+        path = f"/keys/{quote(key.name)}" + (
+            f"/{quote(version)}" if operation == "get" and version else
+            "" if operation == "get" else f"/{quote(version)}/{operation}"
+        )
+        url = f"{key.vault_url}{path}?api-version={API_VERSION}"
+        token = self.access_token(key, operation)
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            data = json.dumps(body).encode("utf-8")
+        reply = self._http.request("GET" if operation == "get" else "POST", url,
+                                   service=KEYVAULT, headers=headers, body=data)
+        if reply.status != 200:
+            raise self._refusal(reply, key, operation)
+        try:
+            return reply.json()
+        except ValueError:
+            raise KeyReleaseError(
+                f"Key Vault's answer to {operation} for {key} is not JSON",
+                reason=Reason.KEYVAULT_FAILED,
+            ) from None
 
-def release_policy(cfg: Config, key_id: str | KeyId) -> dict[str, Any] | None:
-    """The key's release policy as JSON, or None when this identity may not read it.
+    def _refusal(self, reply: Reply, key: KeyId, operation: str) -> ConfinferError:
+        """The one error map from a Key Vault answer to a reason."""
+        said = error_text(reply)
+        status = reply.status
+        if status == 401:
+            resource = _challenge_resource(reply)
+            if (self._cfg.keyvault_verify_challenge_resource and resource is not None
+                    and resource.rstrip("/") != key.audience):
+                return KeyReleaseError(
+                    f"Key Vault at {key.vault_url} asks for a token for "
+                    f"{printable(resource, 200)}, not {key.audience}; no token was sent there",
+                    reason=Reason.KEYVAULT_CHALLENGE_INVALID,
+                    hint="the host does not answer as Key Vault does; check the key id's host",
+                )
+            imds.forget_tokens()
+            return KeyReleaseError(
+                f"Key Vault rejected the access token for {key}: {said}",
+                reason=Reason.KEYVAULT_UNAUTHORIZED,
+                hint="check that the identity belongs to the vault's tenant "
+                "(managed_identity_client_id)",
+            )
+        if status == 403 and _inner_code(reply) in _ACCESS_DENIED_CODES:
+            return KeyReleaseError(
+                f"Key Vault denied this identity {operation} on {key}: {said}",
+                reason=Reason.KEYVAULT_FORBIDDEN,
+                hint="grant the identity the role for it (Secure Key Release: 'Key Vault Crypto "
+                "Service Release User' on the key; wrap/unwrap: 'Key Vault Crypto User')",
+            )
+        if status == 403 and operation == "release":
+            return KeyReleaseError(
+                f"Key Vault refused to release {key}: {said}",
+                reason=Reason.RELEASE_REFUSED,
+                details={"service_message": said},
+                hint="compare the key's release policy with the attestation token's claims "
+                "(`confinfer attest` prints them)",
+            )
+        if status == 404:
+            return KeyReleaseError(
+                f"Key Vault has no key {key}: {said}",
+                reason=Reason.KEY_NOT_FOUND,
+                hint="check key_id (name and version) and the vault URL",
+            )
+        if status == 400 and operation == "unwrapkey":
+            # Key Vault answers 400 when the blob does not decrypt under this key.
+            return KeyUnwrapError(
+                f"Key Vault could not unwrap the data key with {key}: {said}",
+                reason=Reason.KEY_UNWRAP,
+            )
+        return KeyReleaseError(
+            f"Key Vault could not {operation} with {key} (HTTP {status}): {said}",
+            reason=Reason.KEYVAULT_FAILED,
+        )
 
-    Used only to explain a refusal: the key's policy is evaluated locally against the token
-    so the message can name the claim that failed.
-    """
-    from azure.core.exceptions import AzureError
+    def wrap_key(self, key: KeyId, plaintext: bytes) -> tuple[bytes, str]:
+        """RSA-OAEP-256 wrapKey; the wrapped bytes and the versioned key id Key Vault used."""
+        body = self._call(key, "wrapkey", {"alg": "RSA-OAEP-256",
+                                           "value": jose.b64url_encode(plaintext)})
+        try:
+            wrapped = jose.b64url_decode(body["value"])
+            kid = KeyId.parse(body.get("kid") or str(key))
+        except (TypeError, KeyError, jose.JoseError, UsageError):
+            raise KeyReleaseError(f"Key Vault's wrapKey answer for {key} is malformed",
+                                  reason=Reason.KEYVAULT_FAILED) from None
+        if not key.accepts(kid):
+            raise KeyReleaseError(f"Key Vault wrapped with {kid}, not {key}",
+                                  reason=Reason.RELEASE_KEY_MISMATCH)
+        return wrapped, str(kid)
 
-    kid = key_id if isinstance(key_id, KeyId) else KeyId.parse(key_id)
-    credential = managed_identity_credential(cfg)
-    try:
-        with _key_client(cfg, kid, credential) as client:
-            key = client.get_key(kid.name, version=kid.version)
-    except AzureError as exc:
-        LOG.debug("cannot read the release policy of %s: %s", kid, _first_line(str(exc)))
-        return None
-    finally:
-        credential.close()
-    policy = key.properties.release_policy
-    if policy is None or not policy.encoded_policy:
-        return None
-    try:
-        data = json.loads(bytes(policy.encoded_policy))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    def unwrap_key(self, key: KeyId, wrapped: bytes) -> bytearray:
+        """RSA-OAEP-256 unwrapKey; the plaintext in a buffer the caller zeroes."""
+        body = self._call(key, "unwrapkey", {"alg": "RSA-OAEP-256",
+                                             "value": jose.b64url_encode(wrapped)})
+        try:
+            return bytearray(jose.b64url_decode(body["value"]))
+        except (TypeError, KeyError, jose.JoseError):
+            raise KeyReleaseError(f"Key Vault's unwrapKey answer for {key} is malformed",
+                                  reason=Reason.KEYVAULT_FAILED) from None
+
+    def release(
+        self, key: KeyId, maa_token: str, *, algorithm: str, nonce: str | None = None
+    ) -> ReleasedKey:
+        """Secure Key Release of ``key`` to the holder of ``maa_token``, verified."""
+        if algorithm not in SKR_ALGORITHMS:
+            raise UsageError(f"unknown key-release algorithm {algorithm!r}; expected one of "
+                             f"{', '.join(SKR_ALGORITHMS)}")
+        roots = trust_anchors(self._cfg.release_roots)
+        body: dict[str, Any] = {"target": maa_token, "enc": algorithm}
+        if nonce is not None:
+            body["nonce"] = nonce
+        with log.step("keyvault-release"):
+            answer = self._call(key, "release", body)
+            value = answer.get("value") if isinstance(answer, dict) else None
+            if not isinstance(value, str):
+                raise _invalid("the answer has no signed value")
+            released = verify_release(value, key, roots=roots, algorithm=algorithm, nonce=nonce)
+        LOG.debug("Key Vault released %s", released.kid)
+        return released
+
+    def release_policy(self, key: KeyId) -> dict[str, Any] | None:
+        """The key's release policy as JSON, or None when this identity may not read it.
+
+        Used only to explain a refusal: the policy is evaluated locally against the token so
+        that the message can name the claim that failed.
+        """
+        try:
+            bundle = self._call(key, "get", None)
+        except ConfinferError as exc:
+            LOG.debug("cannot read the release policy of %s: %s", key, exc.message)
+            return None
+        policy = bundle.get("release_policy") if isinstance(bundle, dict) else None
+        data = policy.get("data") if isinstance(policy, dict) else None
+        try:
+            decoded = json.loads(jose.b64url_decode(data))
+        except (ValueError, RecursionError):
+            return None
+        return decoded if isinstance(decoded, dict) else None

@@ -15,10 +15,7 @@ Failures are :class:`~confinfer.errors.AttestationError` with distinct reasons:
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import re
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,15 +24,13 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from confinfer import jose
 from confinfer.errors import AttestationError, Reason, ServiceError
+from confinfer.http import JWKS, Http
 
 if TYPE_CHECKING:
-    import requests
-
     from confinfer.config import Config
 
 Fetch = Callable[[str], Any]
@@ -44,7 +39,6 @@ Fetch = Callable[[str], Any]
 LEEWAY_S = 60
 MIN_KEY_BITS = 2048
 JWKS_REFRESH_S = 30.0  # at most one unknown-kid refetch per issuer in this interval
-_B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -59,41 +53,12 @@ def _fail(reason: Reason, message: str) -> AttestationError:
     return AttestationError(f"attestation token: {message}", reason=reason)
 
 
-def decode_b64url(text: str) -> bytes:
-    """Decode unpadded (or padded) base64url strictly; raise ValueError otherwise."""
-    body = text.rstrip("=") if isinstance(text, str) else ""
-    if not isinstance(text, str) or not _B64URL.fullmatch(body) or len(body) % 4 == 1:
-        raise ValueError("not base64url")
-    try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64url") from None
-
-
 def b64url_decode(text: str, what: str) -> bytes:
-    """:func:`decode_b64url`, failing as token-malformed with ``what`` named."""
+    """Strict base64url (:func:`confinfer.jose.b64url_decode`), failing as token-malformed."""
     try:
-        return decode_b64url(text)
-    except ValueError:
+        return jose.b64url_decode(text)
+    except jose.JoseError:
         raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not base64url") from None
-
-
-def _json_part(text: str, what: str) -> dict[str, Any]:
-    try:
-        value = json.loads(b64url_decode(text, what))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not JSON") from None
-    if not isinstance(value, dict):
-        raise _fail(Reason.TOKEN_MALFORMED, f"{what} is not a JSON object")
-    return value
-
-
-def unverified(token: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Header and claims of a compact JWS, decoded but NOT verified (for diagnostics only)."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise _fail(Reason.TOKEN_MALFORMED, f"expected 3 dot-separated parts, found {len(parts)}")
-    return _json_part(parts[0], "header"), _json_part(parts[1], "payload")
 
 
 def _uint(value: Any, what: str) -> int:
@@ -115,8 +80,8 @@ def _jwk_key(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
         if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c is not a list of certificates")
         try:
-            cert = x509.load_der_x509_certificate(base64.b64decode(x5c[0], validate=True))
-        except (binascii.Error, ValueError):
+            cert = x509.load_der_x509_certificate(jose.b64_decode(x5c[0]))
+        except ValueError:
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not a certificate") from None
         cert_key = cert.public_key()
         if not isinstance(cert_key, rsa.RSAPublicKey):
@@ -223,18 +188,12 @@ def verify_token(
     cache: JwksCache | None = None,
 ) -> VerifiedToken:
     """Verify ``token`` against the allow-listed ``issuers``; return its header and claims."""
-    if not isinstance(token, str) or token.count(".") != 2:
-        raise _fail(Reason.TOKEN_MALFORMED, "not a compact JWS (three dot-separated parts)")
-    head_b64, body_b64, sig_b64 = token.split(".")
-    header = _json_part(head_b64, "header")
-    claims = _json_part(body_b64, "payload")
-    signature = b64url_decode(sig_b64, "signature")
-
-    alg = header.get("alg")
-    if alg != "RS256":
-        raise _fail(Reason.TOKEN_BAD_SIGNATURE, f"alg {alg!r} is not accepted (only RS256)")
-    if "crit" in header:
-        raise _fail(Reason.TOKEN_MALFORMED, "critical header extensions are not supported")
+    try:
+        jws = jose.parse(token)
+    except jose.JoseError as exc:
+        reason = Reason.TOKEN_BAD_SIGNATURE if "algorithm" in str(exc) else Reason.TOKEN_MALFORMED
+        raise _fail(reason, str(exc)) from None
+    header, claims = jws.header, jws.payload
 
     iss = claims.get("iss")
     allowed = {i.rstrip("/"): i.rstrip("/") for i in issuers}
@@ -253,9 +212,8 @@ def verify_token(
 
     key = (cache or CACHE).key(issuer, kid, fetch)
     try:
-        key.verify(signature, f"{head_b64}.{body_b64}".encode("ascii"), padding.PKCS1v15(),
-                   hashes.SHA256())
-    except InvalidSignature:
+        jose.verify(jws, key)
+    except jose.JoseError:
         raise _fail(Reason.TOKEN_BAD_SIGNATURE,
                     f"signature does not verify with {issuer} key {kid!r}") from None
 
@@ -276,28 +234,15 @@ def verify_token(
     return VerifiedToken(token=token, header=header, claims=claims, issuer=issuer)
 
 
-def http_fetch(cfg: Config, session: requests.Session | None = None) -> Fetch:
-    """A :data:`Fetch` over HTTPS that trusts ``cfg.ca_bundle`` (or the system store)."""
-    import requests
-
-    http = session or requests.Session()
+def http_fetch(http: Http) -> Fetch:
+    """A :data:`Fetch` over HTTPS through the one HTTP layer (``ca_bundle`` or the system)."""
 
     def fetch(url: str) -> Any:
         if urlsplit(url).scheme != "https":
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"{url} is not an https:// URL")
-        try:
-            reply = http.get(
-                url,
-                headers={"Accept": "application/json"},
-                timeout=cfg.http_timeout_s,
-                verify=str(cfg.ca_bundle) if cfg.ca_bundle else True,
-                allow_redirects=False,
-            )
-        except requests.RequestException as exc:
-            raise ServiceError(f"cannot fetch {url}: {exc.__class__.__name__}",
-                               reason=Reason.TOKEN_JWKS_UNAVAILABLE) from None
-        if reply.status_code != 200:
-            raise ServiceError(f"{url} answered HTTP {reply.status_code}",
+        reply = http.request("GET", url, service=JWKS, headers={"Accept": "application/json"})
+        if reply.status != 200:
+            raise ServiceError(f"{url} answered HTTP {reply.status}",
                                reason=Reason.TOKEN_JWKS_UNAVAILABLE)
         try:
             return reply.json()
@@ -311,10 +256,13 @@ def verify(
     token: str,
     cfg: Config,
     *,
-    session: requests.Session | None = None,
+    http: Http | None = None,
     fetch: Fetch | None = None,
     now: float | None = None,
 ) -> VerifiedToken:
     """Verify ``token`` against ``cfg.issuers``, fetching keys over HTTPS."""
-    return verify_token(token, issuers=cfg.issuers, fetch=fetch or http_fetch(cfg, session),
-                        now=now)
+    if fetch is not None:
+        return verify_token(token, issuers=cfg.issuers, fetch=fetch, now=now)
+    with contextlib.ExitStack() as stack:
+        session = http if http is not None else stack.enter_context(Http(cfg))
+        return verify_token(token, issuers=cfg.issuers, fetch=http_fetch(session), now=now)

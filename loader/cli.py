@@ -73,9 +73,20 @@ def register_unseal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                    "the data key is unwrapped by Key Vault (unwrapKey) with it")
     p.add_argument("--max-bytes", type=parse_size, default=None, metavar="N",
                    help="refuse models larger than N bytes (default: max_bytes)")
-    from loader import skr
-
-    skr.add_arguments(p)
+    group = p.add_argument_group("Secure Key Release (on an attested VM)")
+    group.add_argument(
+        "--skr", action="store_true",
+        help="attest with MAA and have Key Vault release the KEK into the vTPM; the key is "
+        "--key-id, else key_id from the configuration (a package may only name a configured "
+        "key: key_id or keyvault_allowed_keys)",
+    )
+    group.add_argument("--maa-url", metavar="URL",
+                       help="attestation provider (default: maa_url from the configuration)")
+    group.add_argument(
+        "--skr-tool", type=Path, metavar="PATH",
+        help="release through this AzureAttestSKR binary instead (as the tutorial does); "
+        "default: skr_tool from the configuration when set",
+    )
     p.set_defaults(func=unseal_command)
 
 
@@ -93,10 +104,11 @@ def register_inspect(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 # -- commands ----------------------------------------------------------------------------------
 
 
-def _config() -> Config:
+def _config(**flags: object) -> Config:
+    """The configuration with the command's flags applied (None: not given)."""
     from confinfer import config
 
-    return config.load()
+    return config.override(config.load(), **flags)
 
 
 def seal_command(args: argparse.Namespace) -> int:
@@ -111,7 +123,7 @@ def seal_command(args: argparse.Namespace) -> int:
     if args.kek_public_key is not None:
         wrapper = PemWrapper.from_file(args.kek_public_key)
     else:
-        wrapper = KeyVaultWrapper(args.key_id, _config())
+        wrapper = KeyVaultWrapper(_config(key_id=args.key_id))
     with Progress("seal") as progress, Destination(args.out) as out:
         header = seal_model(args.model_dir, out, wrapper, chunk_size=chunk_size,
                             progress=progress)
@@ -123,23 +135,24 @@ def seal_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_unwrapper(args: argparse.Namespace, key_id: str | None, cfg: Config) -> DekUnwrapper:
+def make_unwrapper(args: argparse.Namespace, cfg: Config) -> DekUnwrapper:
     """Where the data key comes from: Secure Key Release, a PEM, or Key Vault's unwrapKey."""
-    from loader.keywrap import KeyVaultUnwrapper, PemUnwrapper
+    from loader import keywrap
 
     kek_private_key: Path | None = args.kek_private_key
     if args.skr:
-        from loader import skr
-
-        return skr.unwrapper_for(
-            skr.SkrRequest(args.key_id, args.maa_url, args.skr_tool), kek_private_key, cfg
-        )
+        if kek_private_key is not None:
+            raise UsageError("--skr and --kek-private-key are two different key sources; "
+                             "give one")
+        if cfg.skr_tool is not None:
+            return keywrap.CompatUnwrapper(cfg.skr_tool, cfg)
+        return keywrap.SkrUnwrapper(cfg)
     if args.maa_url or args.skr_tool:
-        raise UsageError("--maa-url and --skr-tool only apply with --skr", reason=Reason.USAGE)
+        raise UsageError("--maa-url and --skr-tool only apply with --skr")
     if kek_private_key is not None:
-        return PemUnwrapper.from_file(kek_private_key)
-    if key_id:
-        return KeyVaultUnwrapper(key_id, cfg)
+        return keywrap.PemUnwrapper.from_file(kek_private_key)
+    if cfg.key_id:
+        return keywrap.KeyVaultUnwrapper(cfg)
     raise UsageError(
         "no way to unwrap the data key",
         reason=Reason.NO_KEY,
@@ -152,14 +165,13 @@ def unseal_command(args: argparse.Namespace) -> int:
     from loader.dest import Destination
     from loader.progress import Progress, human_bytes
 
-    cfg = _config()
-    key_id = args.key_id or cfg.key_id
+    cfg = _config(key_id=args.key_id, maa_url=args.maa_url, skr_tool=args.skr_tool)
     max_bytes = args.max_bytes if args.max_bytes is not None else cfg.max_bytes
     pkg_dir: Path = args.pkg_dir
     if not pkg_dir.is_dir():
         raise UsageError(f"{pkg_dir} is not a directory", reason=Reason.PACKAGE_UNREADABLE)
     # Check the key source before touching the destination.
-    unwrapper = make_unwrapper(args, key_id, cfg)
+    unwrapper = make_unwrapper(args, cfg)
     sealed = (pkg_dir / fmt.PACKAGE_FILE).exists()
     with Progress("unseal") as progress:
         if sealed:
@@ -171,8 +183,7 @@ def unseal_command(args: argparse.Namespace) -> int:
                 )
             what = f"{len(header.files)} files ({human_bytes(header.total_size)})"
         else:
-            written = _unseal_tutorial(pkg_dir, args.dest, max_bytes, unwrapper, key_id,
-                                       progress)
+            written = _unseal_tutorial(pkg_dir, args.dest, max_bytes, unwrapper, progress)
             what = f"the tutorial archive ({human_bytes(written)})"
     LOG.info("unsealed %s from %s into %s in %.1f s", what, pkg_dir, args.dest,
              progress.elapsed_s)
@@ -184,7 +195,6 @@ def _unseal_tutorial(
     dest_dir: Path,
     max_bytes: int | None,
     unwrapper: DekUnwrapper,
-    key_id: str | None,
     progress: Progress,
 ) -> int:
     """The seed tutorial's layout; returns the bytes written."""
@@ -201,7 +211,8 @@ def _unseal_tutorial(
         )
     wrapped = package.read_wrapped_dek()
     with Destination(dest_dir, max_bytes=max_bytes) as dest:
-        dek = unwrapper.unwrap(wrapped, key_id)
+        # The tutorial layout names no key: the configured one is used.
+        dek = unwrapper.unwrap(wrapped, None)
         try:
             progress.set_total(package.archive.stat().st_size)
             tutorial.unseal_tutorial(package.archive, dest, dek, progress.advance)

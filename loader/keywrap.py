@@ -1,4 +1,4 @@
-"""Wrapping and unwrapping the model's data key (DEK) with the key-encryption key (KEK).
+"""Where the model's data key (DEK) comes from: wrapping it with the KEK and getting it back.
 
 The DEK is 32 random bytes, held in a bytearray and zeroed after use (best effort: Python and
 the libraries beneath it may keep transient copies). It is never logged.
@@ -8,28 +8,40 @@ Vault's ``RSA-OAEP-256``), done either offline with the KEK's public key (:class
 key id ``sha256:<hex of SHA-256 over the SubjectPublicKeyInfo DER>``) or by Key Vault
 (:class:`KeyVaultWrapper`, key id = the versioned key URL Key Vault answers with).
 
-Unwrapping is the :class:`DekUnwrapper` protocol, ``unwrap(wrapped, key_id) -> bytearray``: the
-unseal engine only ever asks "give me the DEK for this wrapped blob and this key id", so an
-offline private key (:class:`PemUnwrapper`), Key Vault's unwrapKey (:class:`KeyVaultUnwrapper`)
-and a Secure Key Release backend all plug into the same place.
+Unwrapping is the :class:`DekUnwrapper` protocol, ``unwrap(wrapped, key_id) -> bytearray``,
+where ``key_id`` is what the package's header says: unauthenticated until the DEK it yields has
+verified the header, so it is a hint (confinfer.keyvault.choose_key), never an address. The
+backends:
+
+- :class:`PemUnwrapper`: the KEK's private key, offline (development, tests);
+- :class:`KeyVaultUnwrapper`: Key Vault's unwrapKey, for identities allowed to use the KEK;
+- :class:`SkrUnwrapper`: Secure Key Release on an attested VM (confinfer.release): the KEK is
+  released into this process through the vTPM, unwraps the DEK here and is dropped;
+- :class:`CompatUnwrapper`: an installed AzureAttestSKR (loader.azureattestskr).
+
+The one RSA-OAEP-256 DEK unwrap is :func:`unwrap_dek`; the one length check is
+:func:`checked_dek`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from confinfer.config import Config
-from confinfer.errors import ConfinferError, KeyUnwrapError, Reason, ServiceError, UsageError
+from confinfer.errors import KeyUnwrapError, Reason, UsageError
 
 if TYPE_CHECKING:
-    from azure.keyvault.keys.crypto import CryptographyClient
+    from confinfer.keyvault import KeyId
+
+LOG = logging.getLogger(__name__)
 
 DEK_LEN = 32
 ALGORITHM = "RSA-OAEP-256"
@@ -58,6 +70,42 @@ def fingerprint(key: rsa.RSAPublicKey) -> str:
     return FINGERPRINT_PREFIX + hashlib.sha256(der).hexdigest()
 
 
+def is_fingerprint(key_id: str | None) -> bool:
+    return bool(key_id) and str(key_id).startswith(FINGERPRINT_PREFIX)
+
+
+def checked_dek(dek: bytearray) -> bytearray:
+    """``dek`` when it is an AES-256 key; else zeroed and refused (``dek-length``)."""
+    if len(dek) != DEK_LEN:
+        size = len(dek)
+        zero(dek)
+        raise KeyUnwrapError(
+            f"the unwrapped key is {size} bytes; AES-256 needs {DEK_LEN}",
+            reason=Reason.DEK_LENGTH,
+        )
+    return dek
+
+
+def unwrap_dek(key: rsa.RSAPrivateKey, wrapped: bytes, kek_name: str) -> bytearray:
+    """RSA-OAEP-256 (MGF1-SHA-256, no label) unwrap of a DEK with the KEK's private key.
+
+    The library hands the plaintext back as immutable ``bytes``; it is copied into the
+    bytearray returned (which the caller zeroes) and the immutable copy dropped at once.
+    """
+    try:
+        raw = key.decrypt(bytes(wrapped), _OAEP)
+    except ValueError:
+        raise KeyUnwrapError(
+            f"the data key does not unwrap with the KEK {kek_name} (a different key, or a "
+            "damaged wrapped key)",
+            reason=Reason.KEY_UNWRAP,
+            hint="check the package's key id (confinfer inspect) against the key given",
+        ) from None
+    dek = bytearray(raw)
+    del raw
+    return checked_dek(dek)
+
+
 @dataclass(frozen=True)
 class WrappedDek:
     wrapped: bytes
@@ -70,6 +118,24 @@ class DekWrapper(Protocol):
 
 class DekUnwrapper(Protocol):
     def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray: ...
+
+
+def key_ids_match(expected: str, actual: str) -> bool:
+    """Whether a package's key id is the key the operator named (any version of it when the
+    operator named none)."""
+    if expected == actual:
+        return True
+    if is_fingerprint(expected) or is_fingerprint(actual):
+        return False
+    from confinfer.keyvault import KeyId
+
+    try:
+        return KeyId.parse(expected).accepts(KeyId.parse(actual))
+    except UsageError:
+        return False
+
+
+# -- offline: PEM keys -------------------------------------------------------------------------
 
 
 def _read_pem(path: Path, what: str) -> bytes:
@@ -91,17 +157,6 @@ def _check_size(key: rsa.RSAPublicKey | rsa.RSAPrivateKey, path: Path) -> None:
 
 def _not_rsa(path: Path) -> UsageError:
     return UsageError(f"{path}: the KEK must be an RSA key", reason=Reason.KEY_FILE)
-
-
-def _checked_dek(raw: bytes) -> bytearray:
-    dek = bytearray(raw)
-    if len(dek) != DEK_LEN:
-        zero(dek)
-        raise KeyUnwrapError(
-            f"the unwrapped key is {len(raw)} bytes; AES-256 needs {DEK_LEN}",
-            reason=Reason.DEK_LENGTH,
-        )
-    return dek
 
 
 class PemWrapper:
@@ -163,142 +218,97 @@ class PemUnwrapper:
         return cls(key)
 
     def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray:
-        if key_id and key_id.startswith(FINGERPRINT_PREFIX) and key_id != self.key_id:
+        if is_fingerprint(key_id) and key_id != self.key_id:
             raise KeyUnwrapError(
                 f"the package was sealed for the KEK {key_id}; the given key is {self.key_id}",
                 reason=Reason.KEY_MISMATCH,
             )
-        try:
-            return _checked_dek(self._key.decrypt(wrapped, _OAEP))
-        except ValueError:
-            raise KeyUnwrapError(
-                "the data key does not unwrap with this KEK (a different key, or a damaged "
-                "wrapped key)",
-                reason=Reason.KEY_UNWRAP,
-            ) from None
+        return unwrap_dek(self._key, wrapped, self.key_id)
 
 
 # -- Key Vault ---------------------------------------------------------------------------------
 
 
-def _keyvault_client(key_id: str, cfg: Config) -> CryptographyClient:
-    # Imported here: the Azure SDK costs memory and start-up time that offline use never needs.
-    from azure.identity import DefaultAzureCredential
-    from azure.keyvault.keys.crypto import CryptographyClient
+def _configured_key(cfg: Config, hint: str | None) -> KeyId:
+    from confinfer.keyvault import choose_key
 
-    from confinfer.keyvault import KeyId
-
-    KeyId.parse(key_id)  # a clear usage error for a malformed id, before any network traffic
-    credential_args: dict[str, Any] = {}
-    if cfg.managed_identity_client_id:
-        credential_args["managed_identity_client_id"] = cfg.managed_identity_client_id
-    client_args: dict[str, Any] = {
-        "verify_challenge_resource": cfg.keyvault_verify_challenge_resource,
-        "retry_total": cfg.max_retries,
-        "connection_timeout": cfg.http_timeout_s,
-        "read_timeout": cfg.http_timeout_s,
-    }
-    if cfg.ca_bundle is not None:
-        client_args["connection_verify"] = str(cfg.ca_bundle)
-    return CryptographyClient(key_id, DefaultAzureCredential(**credential_args), **client_args)
-
-
-def _first_line(text: object) -> str:
-    lines = str(text).strip().splitlines()
-    line = lines[0] if lines else ""
-    return line if len(line) <= 300 else line[:297] + "..."
-
-
-def keyvault_error(exc: Exception, operation: str, key_id: str) -> ConfinferError:
-    """The one-line error for an Azure SDK exception; re-raises anything it does not know."""
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        ServiceRequestError,
-        ServiceResponseError,
-    )
-
-    where = f"Key Vault {operation} with {key_id}"
-    if isinstance(exc, ClientAuthenticationError):
-        return ServiceError(
-            f"{where}: authentication failed: {_first_line(exc.message)}",
-            reason=Reason.KEYVAULT_UNAUTHORIZED,
-            hint="sign in (az login) or check the managed identity; the identity needs the "
-            f"key's {operation} permission",
-        )
-    if isinstance(exc, ServiceRequestError | ServiceResponseError):
-        return ServiceError(
-            f"{where}: cannot reach the vault: {_first_line(exc.message)}",
-            reason=Reason.KEYVAULT_UNAVAILABLE,
-        )
-    if isinstance(exc, HttpResponseError):
-        status = exc.status_code
-        reason = {401: Reason.KEYVAULT_UNAUTHORIZED, 403: Reason.KEYVAULT_FORBIDDEN,
-                  404: Reason.KEY_NOT_FOUND}.get(status or 0, Reason.KEYVAULT_FAILED)
-        return ServiceError(
-            f"{where}: HTTP {status}: {_first_line(exc.message)}", reason=reason
-        )
-    raise exc
+    return choose_key(cfg, hint)
 
 
 class KeyVaultWrapper:
-    """Wrap through Key Vault's wrapKey (RSA-OAEP-256) with the KEK ``key_id``."""
+    """Wrap through Key Vault's wrapKey (RSA-OAEP-256) with the configured KEK."""
 
-    def __init__(self, key_id: str, cfg: Config) -> None:
-        self.key_id = key_id
+    def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
+        self.key = _configured_key(cfg, None)  # a clear error before any other work
 
     def wrap(self, dek: bytearray) -> WrappedDek:
-        from azure.core.exceptions import AzureError
-        from azure.keyvault.keys.crypto import KeyWrapAlgorithm
+        from confinfer.keyvault import KeyVault
 
-        try:
-            client = _keyvault_client(self.key_id, self._cfg)
-            result = client.wrap_key(KeyWrapAlgorithm.rsa_oaep_256, bytes(dek))
-        except AzureError as exc:
-            raise keyvault_error(exc, "wrapKey", self.key_id) from None
+        with KeyVault(self._cfg) as vault:
+            wrapped, kid = vault.wrap_key(self.key, bytes(dek))
         # Key Vault answers with the versioned id; recording it pins the exact key version.
-        return WrappedDek(bytes(result.encrypted_key), result.key_id or self.key_id)
+        return WrappedDek(wrapped, kid)
 
 
 class KeyVaultUnwrapper:
     """Unwrap through Key Vault's unwrapKey: for identities allowed to use the KEK directly
     (development, recovery). An attested VM gets its key through Secure Key Release instead."""
 
-    def __init__(self, key_id: str, cfg: Config) -> None:
-        self.key_id = key_id
+    def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
+        _configured_key(cfg, None)
 
     def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray:
-        from azure.core.exceptions import AzureError
-        from azure.keyvault.keys.crypto import KeyWrapAlgorithm
+        from confinfer.keyvault import KeyVault
 
-        kid = key_id if key_id and not key_id.startswith(FINGERPRINT_PREFIX) else self.key_id
-        try:
-            client = _keyvault_client(kid, self._cfg)
-            result = client.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped)
-        except AzureError as exc:
-            err = keyvault_error(exc, "unwrapKey", kid)
-            if err.reason == Reason.KEYVAULT_FAILED:
-                # Key Vault answers 400 when the blob does not decrypt under this key.
+        key = _configured_key(self._cfg, key_id)
+        with KeyVault(self._cfg) as vault:
+            return checked_dek(vault.unwrap_key(key, wrapped))
+
+
+# -- Secure Key Release ------------------------------------------------------------------------
+
+
+class SkrUnwrapper:
+    """Attest, release the KEK into the vTPM, unwrap the DEK here, drop the KEK."""
+
+    def __init__(self, cfg: Config) -> None:
+        self._cfg = cfg
+        _configured_key(cfg, None)
+
+    def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray:
+        from confinfer import log, release
+        from confinfer.tpm import Vtpm
+
+        key = _configured_key(self._cfg, key_id)
+        with Vtpm(self._cfg.tpm_tcti) as vtpm:
+            kek = release.release_kek(self._cfg, key, vtpm)
+        with kek:
+            if is_fingerprint(key_id) and fingerprint(kek.public_key()) != key_id:
                 raise KeyUnwrapError(
-                    f"Key Vault could not unwrap the data key with {kid}: {err.message}",
-                    reason=Reason.KEY_UNWRAP,
-                ) from None
-            raise err from None
-        return _checked_dek(result.key)
+                    f"the package was sealed for the KEK {key_id}; Key Vault released {kek.kid}",
+                    reason=Reason.KEY_MISMATCH,
+                )
+            with log.step("dek-unwrap"):
+                return unwrap_dek(kek.private_key(), wrapped, kek.kid)
 
 
-def key_ids_match(expected: str, actual: str) -> bool:
-    """Whether a package's key id is the key the operator named (any version of it when the
-    operator named none)."""
-    if expected == actual:
-        return True
-    if expected.startswith(FINGERPRINT_PREFIX) or actual.startswith(FINGERPRINT_PREFIX):
-        return False
-    from confinfer.keyvault import KeyId
+class CompatUnwrapper:
+    """Through an installed AzureAttestSKR (``-u`` mode), under the same key rule."""
 
-    try:
-        return KeyId.parse(expected).accepts(actual)
-    except UsageError:
-        return False
+    def __init__(self, tool_path: Path | None, cfg: Config) -> None:
+        from loader import azureattestskr
+
+        self._tool = azureattestskr.resolve_tool(tool_path)
+        self._cfg = cfg
+        _configured_key(cfg, None)
+
+    def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray:
+        from loader import azureattestskr
+
+        key = _configured_key(self._cfg, key_id)
+        if is_fingerprint(key_id):
+            LOG.warning("the package was sealed offline for %s; AzureAttestSKR unwraps it with "
+                        "%s and nothing checks that they are the same key", key_id, key)
+        return checked_dek(azureattestskr.unwrap_dek(self._tool, self._cfg, str(key), wrapped))

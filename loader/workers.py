@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 
 from loader import signals
-from loader.dest import WRITE_SLICE
+from loader.dest import WRITE_SLICE, WriteFailed
 
 # Memory all workers' buffers may take together: with the interpreter and libraries (~31 MiB)
 # this keeps an unseal under 64 MiB of peak RSS.
@@ -172,16 +172,21 @@ class OpenFiles:
             os.close(fd)
 
     def close_all(self) -> None:
+        """Close what is still open: only after a failure, which this must not mask."""
         with self._lock:
             fds, self._fds = list(self._fds.values()), {}
             self._left.clear()
         for fd in fds:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
     """Write ``buffers`` back to back at ``offset`` in calls of at most WRITE_SLICE bytes,
-    retrying short writes."""
+    retrying short writes. An OS error is raised as :class:`~loader.dest.WriteFailed`, which
+    the destination's context reports as ``dest-write`` / ``no-space``."""
     views = [b for b in buffers if len(b)]
     while views:
         # One call takes up to WRITE_SLICE bytes, across buffers (a chunk's tail and its tag).
@@ -191,9 +196,12 @@ def pwrite_all(fd: int, buffers: list[memoryview], offset: int) -> None:
                 break
             batch.append(view[:room])
             room -= len(batch[-1])
-        written = os.pwritev(fd, batch, offset)
+        try:
+            written = os.pwritev(fd, batch, offset)
+        except OSError as exc:
+            raise WriteFailed(exc.errno, exc.strerror) from exc
         if written <= 0:  # pragma: no cover - a regular file never takes nothing
-            raise OSError(errno.EIO, "pwritev wrote nothing")
+            raise WriteFailed(errno.EIO, "pwritev wrote nothing")
         offset += written
         while views and written >= len(views[0]):
             written -= len(views[0])

@@ -5,9 +5,21 @@ unwraps the DEK itself, and we only run it::
 
     AzureAttestSKR -a <MAA URL> -k <KEK id> -c imds -s <base64(wrapped DEK)> -u
 
-and take its standard output as the DEK, either the 32 raw bytes or their base64 (surrounding
-whitespace ignored). The tool does not verify Key Vault's signature on the release; the native
-backend (:mod:`confinfer.skr`) does, so prefer that one where it can run.
+The key id is the one confinfer.keyvault.choose_key picked from the configuration (the package
+may only select among configured keys), the MAA URL is ``maa_url``. What the real tool prints,
+and how it is read back (:func:`parse_output`): the unwrapped key as raw bytes with its trailing
+zero bytes stripped (it handles the key as a C string) and a newline. So exactly one trailing
+newline is removed and the key is right-padded with zeros to 32 bytes; base64 output (other
+builds) is accepted too. The tool writes ``curl-ca-bundle.crt`` into its working directory, so
+it runs in a private temporary one. Its trace (``SKR_TRACE_ON``) goes to standard output, where
+it would corrupt the key, so that variable is removed from the tool's environment.
+
+What of the configuration reaches the tool: ``maa_url`` and the key (flags). The tool has no
+flag or variable for the vTPM, IMDS or a CA bundle: it always talks to ``/dev/tpmrm0`` and
+``169.254.169.254`` and uses its own CA bundle, so ``tpm_tcti``, ``imds_url``, ``ca_bundle``
+and ``keyvault_release_ca_bundle`` do not apply to it (a warning says so when they are set).
+The tool does not verify Key Vault's signature on the release; the native backend does, so
+prefer that one where it can run.
 
 A failure reports the command (the wrapped DEK shown by size only), the exit status and the
 tail of the tool's standard error. Its standard output is never echoed: it may hold the key.
@@ -17,16 +29,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import shlex
 import subprocess
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from confinfer.config import Config
 from confinfer.errors import ConfigError, KeyReleaseError, Reason, ServiceError
 
+LOG = logging.getLogger(__name__)
+
 DEK_BYTES = 32
+# The tool writes its trace to standard output when this is set: never pass it on.
+TRACE_VARIABLES = frozenset({"SKR_TRACE_ON"})
 STDERR_TAIL_CHARS = 2000
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -60,11 +78,11 @@ def _looks_like_text(data: bytes) -> bool:
 
 
 def parse_output(stdout: bytes) -> bytearray:
-    """The DEK from the tool's standard output: 32 raw bytes (with at most one trailing
-    newline), or base64 of them (surrounding whitespace ignored). Text is never a key."""
-    raw = stdout[:-1] if len(stdout) == DEK_BYTES + 1 and stdout.endswith(b"\n") else stdout
-    if len(raw) == DEK_BYTES and not _looks_like_text(raw):
-        return bytearray(raw)
+    """The DEK from the tool's standard output: raw bytes with trailing zeros stripped and one
+    newline (padded back to 32 bytes here), or base64 of the 32 bytes. Text is never a key."""
+    raw = stdout[:-1] if stdout.endswith(b"\n") else stdout
+    if 0 < len(raw) <= DEK_BYTES and not _looks_like_text(raw):
+        return bytearray(raw.ljust(DEK_BYTES, b"\0"))
     try:
         decoded = base64.b64decode(stdout.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -118,15 +136,25 @@ def unwrap_dek(
     ``skr-tool-timeout``.
     """
     argv = command(resolve_tool(tool), cfg.maa_url, key_id, wrapped_dek)
+    unused = [k for k in ("tpm_tcti", "imds_url", "ca_bundle", "keyvault_release_ca_bundle")
+              if k in cfg.sources]
+    if unused:
+        LOG.warning("AzureAttestSKR does not take %s; it uses its own defaults",
+                    ", ".join(unused))
+    tool_env = {k: v for k, v in (os.environ if env is None else env).items()
+                if k not in TRACE_VARIABLES}
     try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            timeout=timeout_s,
-            check=False,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
-        )
+        # The tool writes curl-ca-bundle.crt into its working directory: give it its own.
+        with tempfile.TemporaryDirectory(prefix="azureattestskr-") as workdir:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=timeout_s,
+                check=False,
+                env=tool_env,
+                cwd=workdir,
+                stdin=subprocess.DEVNULL,
+            )
     except subprocess.TimeoutExpired as exc:
         raise ServiceError(
             f"{shown(argv)} did not finish within {timeout_s:g} s; stderr: "
@@ -142,6 +170,7 @@ def unwrap_dek(
             f"{shown(argv)} exited with status {done.returncode}; stderr: {_tail(done.stderr)}",
             reason=Reason.SKR_TOOL_FAILED,
             details={"exit_code": done.returncode},
-            hint="rerun with SKR_TRACE_ON=1 in the environment for the tool's trace",
+            hint="for the tool's trace, run the command by hand with SKR_TRACE_ON=1 (it prints "
+            "the trace on standard output)",
         )
     return parse_output(done.stdout)

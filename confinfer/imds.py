@@ -1,0 +1,125 @@
+"""The one IMDS client: managed-identity tokens and the VCEK chain (THIM), over confinfer.http.
+
+IMDS is plain HTTP on a link-local address that only this VM reaches; every request carries
+``Metadata: true`` (IMDS refuses requests without it, which keeps it out of reach of forged
+requests relayed through a proxy). The address is ``imds_url`` (default Azure's
+``http://169.254.169.254``), never taken from an answer.
+
+Managed-identity tokens are asked for one *audience* chosen by the caller from configuration
+(Key Vault's ``https://vault.azure.net``, ...); they are cached per audience and client id until
+five minutes before they expire.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode
+
+from cryptography import x509
+
+from confinfer import log
+from confinfer.config import Config
+from confinfer.errors import AttestationError, Reason, ServiceError
+from confinfer.http import IMDS, Http, Reply, error_text
+
+LOG = logging.getLogger(__name__)
+
+THIM_PATH = "/metadata/THIM/amd/certification"
+TOKEN_PATH = "/metadata/identity/oauth2/token"
+TOKEN_API_VERSION = "2018-02-01"
+TOKEN_EARLY_REFRESH_S = 300
+HEADERS = {"Metadata": "true"}
+
+
+def _bad(url: str, message: str) -> ServiceError:
+    return ServiceError(f"imds at {url}: {message}", reason=Reason.IMDS_BAD_RESPONSE)
+
+
+def _json(reply: Reply) -> object:
+    try:
+        return reply.json()
+    except ValueError:
+        raise _bad(reply.url, "not JSON") from None
+
+
+def vcek_chain(http: Http, cfg: Config) -> str:
+    """The VCEK certificate and its ASK/ARK chain (PEM) from IMDS THIM."""
+    url = f"{cfg.imds}{THIM_PATH}"
+    with log.step("imds-thim"):
+        reply = http.request("GET", url, service=IMDS, headers=HEADERS)
+    if reply.status != 200:
+        raise ServiceError(f"imds at {url}: HTTP {reply.status}: {error_text(reply)}",
+                           reason=Reason.IMDS_UNAVAILABLE)
+    body = _json(reply)
+    vcek = body.get("vcekCert") if isinstance(body, dict) else None
+    chain = body.get("certificateChain") if isinstance(body, dict) else None
+    if not isinstance(vcek, str) or not isinstance(chain, str):
+        raise _bad(url, "no vcekCert/certificateChain")
+    pem = vcek if vcek.endswith("\n") else vcek + "\n"
+    pem += chain
+    try:
+        certs = x509.load_pem_x509_certificates(pem.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise _bad(url, "the VCEK chain is not PEM certificates") from None
+    if len(certs) < 2:
+        raise _bad(url, f"the VCEK chain has {len(certs)} certificate(s)")
+    return pem
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    token: str
+    expires_on: float
+
+
+_CACHE: dict[tuple[str, str, str | None], AccessToken] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def managed_identity_token(http: Http, cfg: Config, audience: str) -> AccessToken:
+    """An access token for ``audience`` from the VM's managed identity (cached)."""
+    client_id = cfg.managed_identity_client_id
+    key = (cfg.imds, audience, client_id)
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    if cached is not None and cached.expires_on - TOKEN_EARLY_REFRESH_S > time.time():
+        return cached
+    query = {"api-version": TOKEN_API_VERSION, "resource": audience}
+    if client_id:
+        query["client_id"] = client_id
+    url = f"{cfg.imds}{TOKEN_PATH}?{urlencode(query)}"
+    with log.step("imds-token"):
+        reply = http.request("GET", url, service=IMDS, headers=HEADERS)
+    if reply.status in (400, 401, 403, 404):
+        # IMDS answers 400 "Identity not found" when the VM has no (such) managed identity.
+        raise AttestationError(
+            f"IMDS refused a managed-identity token for {audience}: {error_text(reply)}",
+            reason=Reason.IMDS_TOKEN_REFUSED,
+            hint="assign a managed identity to the VM; with several, set "
+            "managed_identity_client_id",
+        )
+    if reply.status != 200:
+        raise ServiceError(f"imds at {cfg.imds}{TOKEN_PATH}: HTTP {reply.status}: "
+                           f"{error_text(reply)}", reason=Reason.IMDS_UNAVAILABLE)
+    body = _json(reply)
+    token = body.get("access_token") if isinstance(body, dict) else None
+    expires = body.get("expires_on") if isinstance(body, dict) else None
+    if not isinstance(token, str) or not token:
+        raise _bad(f"{cfg.imds}{TOKEN_PATH}", "no access_token")
+    try:
+        expires_on = float(expires) if isinstance(expires, str | int) else time.time() + 300
+    except ValueError:
+        expires_on = time.time() + 300
+    found = AccessToken(token, expires_on)
+    with _CACHE_LOCK:
+        _CACHE[key] = found
+    return found
+
+
+def forget_tokens() -> None:
+    """Drop cached tokens (after a 401 from the service the token was for)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
