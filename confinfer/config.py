@@ -56,44 +56,29 @@ def parse_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class Config:
-    """The validated configuration. Field names, types and defaults are :data:`SETTINGS`'s."""
+    """The validated configuration. Each field is a :data:`SETTINGS` row (same order and
+    default); the meanings are there and in docs/operator-guide.md §1.2."""
 
-    # Attestation (MAA)
     maa_url: str = "https://sharedeus.eus.attest.azure.net"
-    # Issuers whose tokens we accept; empty means "exactly maa_url".
     maa_allowed_issuers: tuple[str, ...] = ()
-    # Key Vault
     keyvault_url: str | None = None
     key_id: str | None = None
-    # Other key ids a package may name (a package's key id is a hint, never an address).
     keyvault_allowed_keys: tuple[str, ...] = ()
     skr_algorithm: str = "RSA_AES_KEY_WRAP_256"
-    # The Azure SDK checks that a vault's challenge names a resource the host belongs to.
-    # Only a local emulator on an IP address needs this off.
     keyvault_verify_challenge_resource: bool = True
-    # Which Azure credential Key Vault requests use.
     azure_credential: str = "auto"
     managed_identity_client_id: str | None = None
-    # Instance metadata service (managed-identity tokens, the VCEK chain). When unset, the
-    # redirect azure-identity honours (AZURE_POD_IDENTITY_AUTHORITY_HOST) or Azure's address.
     imds_url: str | None = None
-    # An installed AzureAttestSKR binary, for the compatibility key-release backend.
     skr_tool: Path | None = None
-    # TLS trust for MAA and Key Vault; None means the system store.
     ca_bundle: Path | None = None
-    # Roots that Key Vault's signed release answer (its x5c chain) must lead to; None means
-    # ca_bundle, else the system store.
     keyvault_release_ca_bundle: Path | None = None
-    # vTPM
     tpm_tcti: str = "device:/dev/tpmrm0"
-    # GPU
     nvml_library: str = "libnvidia-ml.so.1"
-    # Remote services: timeouts, retries, response sizes
     http_timeout_s: float = 30.0
     max_retries: int = 4
     http_max_response_bytes: int = 4 * MiB
-    # Upper bound on what one unseal may write.
     max_bytes: int | None = None
+    # Where each value came from: a file path, "$CONFINFER_<KEY>" or "--<flag>".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -184,7 +169,18 @@ def parse_choice(*choices: str) -> Parse[str]:
     return parse
 
 
-_INTEGER = re.compile(r"^[+-]?[0-9]{1,30}$")
+_INTEGER = re.compile(r"^([+-]?)([0-9]+)$")
+_BEYOND = 10**40  # stands in for longer digit strings: past every bound, cheap to convert
+
+
+def _int_text(text: str) -> int | None:
+    """Decimal digits (ASCII only, optional sign) as an int, else None."""
+    match = _INTEGER.match(text.strip())
+    if not match:
+        return None
+    sign, digits = match.groups()
+    value = int(digits) if len(digits) <= 40 else _BEYOND
+    return -value if sign == "-" else value
 
 
 def _bounded(value: int, lo: int, hi: int, show: Callable[[int], str] = str) -> int:
@@ -208,9 +204,10 @@ def parse_int(lo: int, hi: int) -> Parse[int]:
     expected = "expected an integer"
 
     def from_text(text: str) -> int:
-        if not _INTEGER.match(text.strip()):
+        value = _int_text(text)
+        if value is None:
             raise Invalid(expected)
-        return int(text)
+        return value
 
     def parse(raw: object) -> int:
         return _bounded(_integer(raw, from_text, expected), lo, hi)
@@ -230,6 +227,9 @@ def parse_bytes(lo: int, hi: int) -> Parse[int]:
     expected = "expected an integer or a size like 64G"
 
     def from_text(text: str) -> int:
+        value = _int_text(text)  # plain digits read as a TOML integer would be
+        if value is not None:
+            return value
         try:
             return parse_size(text)
         except ValueError:
@@ -322,9 +322,12 @@ def parse_list(item: Parse[str]) -> Parse[tuple[str, ...]]:
 
     def parse(raw: object) -> tuple[str, ...]:
         if isinstance(raw, str):
-            items: list[object] = [s.strip() for s in _text(raw, "").split(",") if s.strip()]
+            # Only spaces are trimmed: a newline or tab in an item is refused by ``item``.
+            items: list[object] = [s.strip(" ") for s in raw.split(",") if s.strip(" ")]
         elif isinstance(raw, list | tuple) and all(isinstance(s, str) for s in raw):
             items = list(raw)
+        elif isinstance(raw, list | tuple):
+            raise Invalid("expected a list of strings")
         else:
             raise _wrong_type("expected a list of strings", raw)
         if len(items) > MAX_ITEMS:

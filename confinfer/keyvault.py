@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
+    Criticality,
     ExtensionPolicy,
     PolicyBuilder,
     Store,
@@ -298,7 +299,11 @@ def _verify_signer(
         .time(now)
         .extension_policies(
             ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-            ee_policy=ExtensionPolicy.permit_all(),
+            # The signer's extensions beyond SAN (checked by the verifier) and EKU (above) are
+            # Key Vault's business; CA certificates get the usual Web PKI checks.
+            ee_policy=ExtensionPolicy.permit_all().require_present(
+                x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
+            ),
         )
         .build_server_verifier(_subject(host))
     )
