@@ -104,6 +104,7 @@ class Reason(enum.StrEnum):
     DEST_WRITE = "dest-write"
     MODEL_CHANGED = "model-changed"
     NO_SPACE = "no-space"
+    PACKAGE_READ = "package-read"
     SIZE_LIMIT = "size-limit"
     TPM_AK_CERT_INVALID = "tpm-ak-cert-invalid"
     TPM_AK_INVALID = "tpm-ak-invalid"

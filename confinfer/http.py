@@ -284,6 +284,10 @@ class Http:
                         data += chunk
                         if len(data) > cap:
                             raise _too_large(service, url, cap)
+                    if deadline.expired:
+                        # Cut off where a closed connection may legally end a body: not an
+                        # answer, however complete it looks.
+                        raise _Retryable(f"no complete answer within {cfg.http_timeout_s:g} s")
                     return Reply(url, answer.status_code, answer.headers, bytes(data))
             except requests.exceptions.SSLError as exc:
                 if deadline.expired:

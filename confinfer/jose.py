@@ -35,15 +35,25 @@ class JoseError(ValueError):
     """A JWS, JWK or base64 value is malformed or does not verify."""
 
 
+class AlgorithmError(JoseError):
+    """A JWS names an algorithm other than RS256 (``none`` and HMAC included)."""
+
+
 def b64url_decode(text: object) -> bytes:
     """Decode base64url, unpadded or padded, strictly; JoseError otherwise."""
     body = text.rstrip("=") if isinstance(text, str) else None
     if body is None or not _B64URL.fullmatch(body) or len(body) % 4 == 1:
         raise JoseError("not base64url")
+    padded = body + "=" * (-len(body) % 4)
+    if text not in (body, padded):
+        raise JoseError("not base64url (wrong padding)")
     try:
-        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        data = base64.urlsafe_b64decode(padded)
     except (binascii.Error, ValueError):
         raise JoseError("not base64url") from None
+    if b64url_encode(data) != body:
+        raise JoseError("not base64url (non-canonical trailing bits)")
+    return data
 
 
 def b64url_encode(data: bytes) -> str:
@@ -89,14 +99,14 @@ def parse(compact: object) -> Jws:
     if not isinstance(compact, str) or compact.count(".") != 2:
         raise JoseError("not a compact JWS (three dot-separated parts)")
     head, body, signature = compact.split(".")
-    if not head or not body or not signature:
-        raise JoseError("a JWS part is empty (unsigned?)")
     header = json_object(b64url_decode(head), "the header")
-    payload = json_object(b64url_decode(body), "the payload")
-    b64url_decode(signature)
     alg = header.get("alg")
     if alg != ALGORITHM:
-        raise JoseError(f"algorithm {printable_alg(alg)} refused (only {ALGORITHM})")
+        raise AlgorithmError(f"algorithm {printable_alg(alg)} refused (only {ALGORITHM})")
+    if not body or not signature:
+        raise JoseError("a JWS part is empty (unsigned?)")
+    payload = json_object(b64url_decode(body), "the payload")
+    b64url_decode(signature)
     if "crit" in header:
         raise JoseError("critical header extensions are not supported")
     return Jws(compact, header, payload)

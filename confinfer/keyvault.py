@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import (
-    Criticality,
     ExtensionPolicy,
     PolicyBuilder,
     Store,
@@ -299,11 +298,9 @@ def _verify_signer(
         .time(now)
         .extension_policies(
             ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-            # The signer's extensions beyond SAN (checked by the verifier) and EKU (above) are
-            # Key Vault's business; CA certificates get the usual Web PKI checks.
-            ee_policy=ExtensionPolicy.permit_all().require_present(
-                x509.SubjectAlternativeName, Criticality.AGNOSTIC, None
-            ),
+            # The signer is a TLS server certificate (CA:FALSE, a SAN, serverAuth) and gets the
+            # Web PKI checks a TLS client would make.
+            ee_policy=ExtensionPolicy.webpki_defaults_ee(),
         )
         .build_server_verifier(_subject(host))
     )

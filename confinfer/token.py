@@ -191,7 +191,8 @@ def verify_token(
     try:
         jws = jose.parse(token)
     except jose.JoseError as exc:
-        reason = Reason.TOKEN_BAD_SIGNATURE if "algorithm" in str(exc) else Reason.TOKEN_MALFORMED
+        reason = (Reason.TOKEN_BAD_SIGNATURE if isinstance(exc, jose.AlgorithmError)
+                  else Reason.TOKEN_MALFORMED)
         raise _fail(reason, str(exc)) from None
     header, claims = jws.header, jws.payload
 

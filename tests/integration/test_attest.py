@@ -11,7 +11,7 @@ import base64
 import hashlib
 import json
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ import pytest
 
 from confinfer import config, hcl, maa
 from confinfer.errors import AttestationError, Reason, ServiceError, TpmError
+from confinfer.http import Http, Reply, Service
 from confinfer.tpm import EphemeralKey, Quote, Vtpm
 from tests.cli import run_confinfer
 
@@ -34,8 +35,9 @@ def cfg_for(tb: RunningTestbed, tmp_path: Path, **env: str) -> config.Config:
 
 
 def confinfer(tb: RunningTestbed, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return run_confinfer("attest", *args, timeout=90,
-                         env=tb.environ(**{"CONFINFER_MAX_RETRIES": "2", **env}))
+    return run_confinfer(
+        "attest", *args, timeout=90, env=tb.environ(**{"CONFINFER_MAX_RETRIES": "2", **env})
+    )
 
 
 @pytest.fixture
@@ -48,18 +50,33 @@ def tb(testbed: RunningTestbed) -> Iterator[RunningTestbed]:
 
 
 def write_policy(path: Path, authority: str, status: str = "azure-compliant-cvm") -> Path:
-    path.write_text(json.dumps({"version": "1.0.0", "anyOf": [{
-        "authority": authority,
-        "allOf": [
-            {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
-            {"claim": "x-ms-isolation-tee.x-ms-compliance-status", "equals": status},
-        ],
-    }]}), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {
+                "version": "1.0.0",
+                "anyOf": [
+                    {
+                        "authority": authority,
+                        "allOf": [
+                            {
+                                "claim": "x-ms-isolation-tee.x-ms-attestation-type",
+                                "equals": "sevsnpvm",
+                            },
+                            {
+                                "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+                                "equals": status,
+                            },
+                        ],
+                    }
+                ],
+            }
+        ),
+        encoding="utf-8",
+    )
     return path
 
 
-def test_cli_prints_verified_claims_bound_to_the_nonce(tb: RunningTestbed,
-                                                        tmp_path: Path) -> None:
+def test_cli_prints_verified_claims_bound_to_the_nonce(tb: RunningTestbed, tmp_path: Path) -> None:
     policy = write_policy(tmp_path / "policy.json", tb.env["CONFINFER_MAA_URL"] + "/")
     proc = confinfer(tb, "--nonce", "n-0123", "--policy", str(policy))
     assert proc.returncode == 0, proc.stderr
@@ -80,7 +97,7 @@ def test_cli_policy_refusal_names_the_claim(tb: RunningTestbed, tmp_path: Path) 
     assert proc.returncode == Reason.POLICY_UNSATISFIED.exit_code
     assert proc.stdout == ""
     assert proc.stderr.strip().splitlines()[-1] == (
-        'confinfer: policy-unsatisfied: x-ms-isolation-tee.x-ms-compliance-status: '
+        "confinfer: policy-unsatisfied: x-ms-isolation-tee.x-ms-compliance-status: "
         'expected "other", got "azure-compliant-cvm"'
     )
 
@@ -100,6 +117,17 @@ def test_maa_429_honours_retry_after(tb: RunningTestbed) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "maa: HTTP 429; retry 1/2 in 1.0 s" in proc.stderr
     assert json.loads(proc.stdout)["x-ms-attestation-type"] == "azurevm"
+
+
+def test_maa_retry_after_beyond_the_cap_fails_at_once(tb: RunningTestbed) -> None:
+    """A server asking for more than RETRY_AFTER_CAP_S is not waited for: no retry at all."""
+    tb.cli("fault", "maa", "--status", "429", "--retry-after", "3600", "--count", "1")
+    proc = confinfer(tb)
+    assert proc.returncode == Reason.MAA_UNAVAILABLE.exit_code
+    assert "confinfer: maa-unavailable: " in proc.stderr
+    assert "HTTP 429, asked to retry in 3600 s" in proc.stderr
+    assert "retry 1/" not in proc.stderr
+    assert proc.stdout == ""
 
 
 def test_maa_kept_failing_is_a_service_error(tb: RunningTestbed) -> None:
@@ -203,8 +231,9 @@ def test_refresh_report_binds_user_data(tb: RunningTestbed, tmp_path: Path) -> N
 
 
 def test_service_error_for_an_unreachable_maa(tb: RunningTestbed, tmp_path: Path) -> None:
-    cfg = config.override(cfg_for(tb, tmp_path, CONFINFER_MAX_RETRIES="0"),
-                          maa_url="https://127.0.0.1:1")
+    cfg = config.override(
+        cfg_for(tb, tmp_path, CONFINFER_MAX_RETRIES="0"), maa_url="https://127.0.0.1:1"
+    )
     with Vtpm(cfg.tpm_tcti) as vtpm, pytest.raises(ServiceError) as err:
         maa.attest(vtpm, cfg)
     assert err.value.reason == "maa-unavailable"
@@ -213,25 +242,31 @@ def test_service_error_for_an_unreachable_maa(tb: RunningTestbed, tmp_path: Path
 # --- a network that tampers with or replays MAA's answer ------------------------------------
 
 
-class Tampering:
-    """A requests.Session whose AzureGuest answers pass through ``edit`` first."""
+class Tampering(Http):
+    """The one HTTP layer, but AzureGuest answers pass through ``edit`` first."""
 
-    def __init__(self, edit: Any) -> None:
-        import requests
+    def __init__(self, cfg: config.Config, edit: Callable[[bytes], bytes]) -> None:
+        super().__init__(cfg)
+        self.edit = edit
+        self.answers: list[bytes] = []
 
-        answers: list[bytes] = []
-        self.answers = answers
+    def __enter__(self) -> Tampering:
+        return self
 
-        class Session(requests.Session):
-            def request(self, method: str | bytes, url: str | bytes, *args: Any,
-                        **kw: Any) -> requests.Response:
-                reply = super().request(method, url, *args, **kw)
-                if "/attest/AzureGuest" in str(url) and reply.status_code == 200:
-                    answers.append(reply.content)
-                    reply._content = edit(reply.content)
-                return reply
-
-        self.session = Session()
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        service: Service,
+        headers: Mapping[str, str] | None = None,
+        body: bytes | None = None,
+    ) -> Reply:
+        reply = super().request(method, url, service=service, headers=headers, body=body)
+        if "/attest/AzureGuest" in url and reply.status == 200:
+            self.answers.append(reply.body)
+            reply = replace(reply, body=self.edit(reply.body))
+        return reply
 
 
 def _edit_envelope(content: bytes, field: str) -> bytes:
@@ -244,46 +279,41 @@ def _edit_envelope(content: bytes, field: str) -> bytes:
 
 
 @pytest.mark.parametrize("field", ["Jwt", "AuthenticationData"])
-def test_tampered_answer_fails_authentication(tb: RunningTestbed, tmp_path: Path,
-                                              field: str) -> None:
+def test_tampered_answer_fails_authentication(
+    tb: RunningTestbed, tmp_path: Path, field: str
+) -> None:
     cfg = cfg_for(tb, tmp_path)
-    net = Tampering(lambda content: _edit_envelope(content, field))
-    with Vtpm(cfg.tpm_tcti) as vtpm, pytest.raises(AttestationError) as err:
-        maa.attest(vtpm, cfg, session=net.session)
+    with (
+        Tampering(cfg, lambda content: _edit_envelope(content, field)) as net,
+        Vtpm(cfg.tpm_tcti) as vtpm,
+        pytest.raises(AttestationError) as err,
+    ):
+        maa.attest(vtpm, cfg, http=net)
     assert err.value.reason == "maa-response-integrity"
 
 
 def test_tampered_inner_key_does_not_decrypt(tb: RunningTestbed, tmp_path: Path) -> None:
     cfg = cfg_for(tb, tmp_path)
-    net = Tampering(lambda content: _edit_envelope(content, "EncryptedInnerKey"))
-    with Vtpm(cfg.tpm_tcti) as vtpm, pytest.raises(TpmError) as err:
-        maa.attest(vtpm, cfg, session=net.session)
+    with (
+        Tampering(cfg, lambda content: _edit_envelope(content, "EncryptedInnerKey")) as net,
+        Vtpm(cfg.tpm_tcti) as vtpm,
+        pytest.raises(TpmError) as err,
+    ):
+        maa.attest(vtpm, cfg, http=net)
     assert err.value.reason == "tpm-decrypt-failed"
 
 
 def test_replayed_answer_is_refused(tb: RunningTestbed, tmp_path: Path) -> None:
     """Within one boot the ephemeral key repeats; the nonce is what makes each answer fresh."""
     cfg = cfg_for(tb, tmp_path)
-    recorder = Tampering(lambda content: content)
-    with Vtpm(cfg.tpm_tcti) as vtpm:
-        maa.attest(vtpm, cfg, nonce=b"first", session=recorder.session)
+    with Tampering(cfg, lambda content: content) as recorder, Vtpm(cfg.tpm_tcti) as vtpm:
+        maa.attest(vtpm, cfg, nonce=b"first", http=recorder)
     old = recorder.answers[0]
-    replay = Tampering(lambda content: old)
-    with Vtpm(cfg.tpm_tcti) as vtpm, pytest.raises(AttestationError) as err:
-        maa.attest(vtpm, cfg, nonce=b"second", session=replay.session)
+    with (
+        Tampering(cfg, lambda content: old) as replay,
+        Vtpm(cfg.tpm_tcti) as vtpm,
+        pytest.raises(AttestationError) as err,
+    ):
+        maa.attest(vtpm, cfg, nonce=b"second", http=replay)
     assert err.value.reason == "maa-token-unbound"
     assert "nonce" in err.value.message
-
-
-def test_retry_after_forms_and_cap() -> None:
-    import email.utils
-    import time
-
-    assert maa._retry_after("2") == 2.0
-    assert maa._retry_after("86400") == maa.RETRY_AFTER_CAP_S
-    assert maa._retry_after(None) is None
-    assert maa._retry_after("soon") is None
-    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
-    assert maa._retry_after(later) == maa.RETRY_AFTER_CAP_S
-    past = email.utils.formatdate(time.time() - 60, usegmt=True)
-    assert maa._retry_after(past) == 0.0
