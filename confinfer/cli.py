@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prefix}hint: {printable(exc.hint)}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
-        return 1
+        return Kind.SYSTEM.exit_code
+    except Exception:
+        # Not an expected failure: a bug. Its traceback is always shown.
+        LOG.exception("internal error")
+        return Kind.SOFTWARE.exit_code
     return code
 
 

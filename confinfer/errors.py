@@ -88,7 +88,6 @@ class Reason(enum.StrEnum):
     IMDS_BAD_RESPONSE = "imds-bad-response"
     IMDS_TLS = "imds-tls"
     IMDS_UNAVAILABLE = "imds-unavailable"
-    KEYVAULT_THROTTLED = "keyvault-throttled"
     KEYVAULT_TLS = "keyvault-tls"
     KEYVAULT_UNAVAILABLE = "keyvault-unavailable"
     MAA_TLS = "maa-tls"

@@ -156,7 +156,7 @@ class KeyId:
 
 
 def allowed_keys(cfg: Config) -> tuple[KeyId, ...]:
-    """The keys requests may be made for: ``key_id`` (or ``--key-id``), ``keyvault_allowed_keys``."""
+    """The keys requests may be made for: ``key_id`` (``--key-id``), ``keyvault_allowed_keys``."""
     ids = ([cfg.key_id] if cfg.key_id else []) + list(cfg.keyvault_allowed_keys)
     return tuple(KeyId.parse(kid) for kid in ids)
 
@@ -439,8 +439,11 @@ class KeyVault:
     def _azure_identity_token(self, choice: str, audience: str) -> str:
         # Imported here: azure-identity costs start-up time that the VM's path never needs.
         from azure.core.exceptions import ClientAuthenticationError
-        from azure.identity import AzureCliCredential, CredentialUnavailableError
-        from azure.identity import DefaultAzureCredential
+        from azure.identity import (
+            AzureCliCredential,
+            CredentialUnavailableError,
+            DefaultAzureCredential,
+        )
 
         if self._operator_credential is None:
             if choice == "cli":

@@ -102,11 +102,11 @@ def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str,
     dest.mkdir()
     (dest / "x").write_text("keep")
     assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["private"]),
-                   "dest-not-empty", code=2)
+                   "dest-not-empty")
     assert (dest / "x").read_text() == "keep"
     assert_refused(unseal(tmp_path / "pkg"), "no-key")
     assert_refused(unseal(tmp_path / "model", "--kek-private-key", keys["private"]),
-                   "package-unreadable", code=2)
+                   "package-unreadable")
 
 
 def test_seal_refuses_links_and_leaves_no_package(tmp_path: Path, keys: dict[str, Path]) -> None:
@@ -231,5 +231,5 @@ def test_key_vault_refusals_are_one_line(tmp_path: Path, testbed: RunningTestbed
                                  env=testbed.environ()), "key-not-found")
     assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id",
                                  "http://not-a-vault/x", env=testbed.environ()),
-                   "key-id-invalid", code=2)
+                   "config-invalid")
     assert not (tmp_path / "pkg").exists()
