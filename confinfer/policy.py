@@ -11,7 +11,8 @@ MAA, so an operator writes one policy and both sides read it the same way::
     operator  = equals | notEquals | less | lessOrEquals | greater | greaterOrEquals | exists
 
 Semantics: an authority applies when it names the token's issuer (a trailing ``/`` and letter
-case of scheme and host do not matter). Dots walk nested JSON objects; arrays are not indexed;
+case of scheme and host do not matter; an authority written without a scheme, as in
+``"sharedeus2.eus2.attest.azure.net"``, means ``https://`` and that host, as Key Vault reads it). Dots walk nested JSON objects; arrays are not indexed;
 a missing claim fails every operator but ``exists: false``, and a claim that is an object,
 array or null fails every comparison (fail closed; ``exists`` only asks whether it is there).
 Values are strings, numbers or booleans; ``equals`` never treats ``true`` as
@@ -167,6 +168,9 @@ def _authority(raw: Any, where: str) -> Authority:
     if "authority" not in keys:
         raise _invalid(where, "missing 'authority'")
     url = keys.pop("authority")[1]
+    if isinstance(url, str) and "://" not in url:
+        # As people write them (the tutorial's own policy): a bare host means https://.
+        url = "https://" + url
     if not isinstance(url, str) or not url.startswith("https://") or not urlsplit(url).netloc:
         raise _invalid(f"{where}.authority", f"expected an https:// issuer URL, got {url!r}")
     unknown = sorted(spelling for k, (spelling, _) in keys.items() if k not in _GROUP)

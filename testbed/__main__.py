@@ -7,9 +7,11 @@
                 2 partly up
   gpu ACTION    cc-on | cc-off | devtools-on | devtools-off | lose | restore | show;
                 ``gpu set KEY=VALUE...`` for any state-file key (driver=, tamper=, gpus=, ...)
-  fault SERVICE [--status N] [--retry-after S] [--latency S] [--down] [--count N];
-  fault --clear [SERVICE]
+  fault SERVICE [--status N] [--retry-after S] [--latency S] [--down] [--foreign-signer]
+                [--count N]; fault --clear [SERVICE]
   pcr-extend    extends a vTPM PCR (default 7)
+  ak-cert --days-left N
+                replaces the vTPM's AK certificate by one that expires in N days
   kek --name N  creates an exportable RSA-HSM key under the canonical CVM release policy and
                 prints its kid
 
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed import gpu as fakegpu
-from testbed.env import ENV_FILE, RUN_DIR, ProcessRecord, RunRecords, write_env_file
+from testbed.env import ENV_FILE, RUN_DIR, ProcessRecord, RunRecords, vm_id, write_env_file
 from testbed.faults import SERVICES, Fault, Faults
 
 SERVICES_START_TIMEOUT_S = 20.0
@@ -154,8 +156,9 @@ def down(directory: Path) -> None:
 # ---- up -----------------------------------------------------------------------------------
 
 
-def _wait_for_services(records: RunRecords, proc: subprocess.Popen[bytes],
-                       log_path: Path) -> dict[str, Any]:
+def _wait_for_services(
+    records: RunRecords, proc: subprocess.Popen[bytes], log_path: Path
+) -> dict[str, Any]:
     deadline = time.monotonic() + SERVICES_START_TIMEOUT_S
     while time.monotonic() < deadline:
         info = records.services()
@@ -163,11 +166,14 @@ def _wait_for_services(records: RunRecords, proc: subprocess.Popen[bytes],
             return info
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-            raise TestbedError(f"services exited {proc.returncode}: {tail[0]}",
-                               reason="services-failed")
+            raise TestbedError(
+                f"services exited {proc.returncode}: {tail[0]}", reason="services-failed"
+            )
         time.sleep(0.02)
-    raise TestbedError(f"services not ready after {SERVICES_START_TIMEOUT_S:.0f} s (log: "
-                       f"{log_path})", reason="services-timeout")
+    raise TestbedError(
+        f"services not ready after {SERVICES_START_TIMEOUT_S:.0f} s (log: {log_path})",
+        reason="services-timeout",
+    )
 
 
 def _start_services(directory: Path, records: RunRecords) -> subprocess.Popen[bytes]:
@@ -175,9 +181,19 @@ def _start_services(directory: Path, records: RunRecords) -> subprocess.Popen[by
     logs.mkdir(exist_ok=True)
     with open(logs / "services.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "testbed.services", "--dir", str(directory),
-             "--wait-for-inputs", str(SERVICES_START_TIMEOUT_S)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "testbed.services",
+                "--dir",
+                str(directory),
+                "--wait-for-inputs",
+                str(SERVICES_START_TIMEOUT_S),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
             cwd=directory,
         )
     records.add(ProcessRecord.of("services", proc.pid))
@@ -196,8 +212,9 @@ def _existing(records: RunRecords) -> None:
 
 def _clear_previous_run(directory: Path) -> None:
     """Each ``up`` is a fresh machine: new trust, identities, vTPM and vault. The fake GPU keeps
-    its identity (PKI) and its built library, as hardware would; its state is rewritten."""
-    for name in ("vtpm", "keyvault", "pki", RUN_DIR):
+    its identity (PKI) and its built library, as hardware would, and the VM its id
+    (``DIR/vm-id``); the GPU's state is rewritten."""
+    for name in ("vtpm", "keyvault", "pki", "bin", RUN_DIR):
         shutil.rmtree(directory / name, ignore_errors=True)
     for name in (ENV_FILE, "identities.json", "faults.json"):
         (directory / name).unlink(missing_ok=True)
@@ -223,15 +240,17 @@ def up(directory: Path, *, gpus: int = 1) -> float:
         trust = Trust.create()
         trust.save(directory / "pki")
         identities = Identities.create().save(directory)
+        machine_id = vm_id(directory)
         records.inputs_marker.touch()
         from testbed.vtpm import Vtpm
 
-        vtpm = Vtpm.start(directory / "vtpm", trust)
+        vtpm = Vtpm.start(directory / "vtpm", trust, vm_id=machine_id)
         records.add(*(ProcessRecord.of(name, pid) for name, pid in _vtpm_pids(vtpm.pids)))
         info = _wait_for_services(records, services, directory / "logs" / "services.log")
         gpu = gpu_job.result()
         urls: dict[str, str] = info["urls"]
         kid = create_kek(directory, urls, DEFAULT_KEK)
+        skr_tool = write_skr_tool(directory)
         env = {
             "AZURE_POD_IDENTITY_AUTHORITY_HOST": urls["imds"],
             "CONFINFER_IMDS_URL": urls["imds"],
@@ -248,6 +267,7 @@ def up(directory: Path, *, gpus: int = 1) -> float:
             "CONFINFER_TESTBED_DIR": str(directory),
             "CONFINFER_TESTBED_CLIENT_ID": identities.default.client_id,
             "CONFINFER_TESTBED_NOROLE_CLIENT_ID": identities.named("noroles").client_id,
+            "CONFINFER_TESTBED_SKR_TOOL": str(skr_tool),
         }
         write_env_file(directory / ENV_FILE, env)
     except BaseException:
@@ -261,9 +281,39 @@ def up(directory: Path, *, gpus: int = 1) -> float:
     return time.monotonic() - started
 
 
+SKR_TOOL_NAME = "AzureAttestSKR"
+_SKR_WRAPPER = """#!{python} -I
+# Written by `python -m testbed up`: the testbed's stand-in for Microsoft's AzureAttestSKR
+# (testbed/azureattestskr.py), bound to the testbed in {directory!r}.
+import sys
+sys.path.insert(0, {package_root!r})
+from testbed.azureattestskr import main
+sys.exit(main(sys.argv, testbed_dir={directory!r}))
+"""
+
+
+def write_skr_tool(directory: Path) -> Path:
+    """``DIR/bin/AzureAttestSKR``: an executable that runs the stand-in with this Python and
+    knows its testbed directory (``-I``: the caller's PYTHON* variables do not change it)."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = directory / "bin" / SKR_TOOL_NAME
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        _SKR_WRAPPER.format(
+            python=sys.executable, directory=str(directory), package_root=package_root
+        ),
+        encoding="utf-8",
+    )
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
 def _provision_gpu(directory: Path, gpus: int) -> fakegpu.FakeGpu:
-    state = fakegpu.GpuState(gpus=gpus,
-                             uuids=tuple(f"GPU-{uuid.uuid4()}" for _ in range(fakegpu.MAX_GPUS)))
+    state = fakegpu.GpuState(
+        gpus=gpus, uuids=tuple(f"GPU-{uuid.uuid4()}" for _ in range(fakegpu.MAX_GPUS))
+    )
     return fakegpu.provision(directory, state)
 
 
@@ -274,47 +324,60 @@ def release_policy(maa_url: str) -> dict[str, Any]:
     """The canonical CVM release policy: an Azure-compliant SEV-SNP CVM attested by ``maa_url``."""
     return {
         "version": "1.0.0",
-        "anyOf": [{
-            "authority": maa_url,
-            "allOf": [
-                {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
-                {"claim": "x-ms-isolation-tee.x-ms-compliance-status",
-                 "equals": "azure-compliant-cvm"},
-            ],
-        }],
+        "anyOf": [
+            {
+                "authority": maa_url,
+                "allOf": [
+                    {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
+                    {
+                        "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+                        "equals": "azure-compliant-cvm",
+                    },
+                ],
+            }
+        ],
     }
 
 
-def _http_json(url: str, *, method: str = "GET", headers: dict[str, str] | None = None,
-               body: dict[str, Any] | None = None,
-               context: ssl.SSLContext | None = None) -> dict[str, Any]:
+def _http_json(
+    url: str,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     if not url.startswith(("http://", "https://")):
         raise TestbedError(f"not an http(s) URL: {url}", reason="usage")
     data = json.dumps(body).encode() if body is not None else None
     # the scheme is checked above: only http(s) reaches urlopen
     req = urllib.request.Request(  # noqa: S310
-        url, data=data, method=method, headers=dict(headers or {}))
+        url, data=data, method=method, headers=dict(headers or {})
+    )
     if data is not None:
         req.add_header("Content-Type", "application/json")
     # Loopback services: never through a proxy named in the environment.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
-                                         urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    )
     try:
         with opener.open(req, timeout=15) as resp:
             result: dict[str, Any] = json.loads(resp.read())
             return result
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:300]
-        raise TestbedError(f"{method} {url.split('?')[0]}: HTTP {exc.code}: {detail}",
-                           reason="http-error") from None
+        raise TestbedError(
+            f"{method} {url.split('?')[0]}: HTTP {exc.code}: {detail}", reason="http-error"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         raise TestbedError(f"{method} {url.split('?')[0]}: {exc}", reason="http-error") from None
 
 
 def create_kek(directory: Path, urls: dict[str, str], name: str) -> str:
     """Create an exportable RSA-HSM key with the canonical release policy; returns its kid."""
-    token_url = (f"{urls['imds']}/metadata/identity/oauth2/token?" + urllib.parse.urlencode(
-        {"api-version": "2018-02-01", "resource": VAULT_RESOURCE}))
+    token_url = f"{urls['imds']}/metadata/identity/oauth2/token?" + urllib.parse.urlencode(
+        {"api-version": "2018-02-01", "resource": VAULT_RESOURCE}
+    )
     token = _http_json(token_url, headers={"Metadata": "true"})["access_token"]
     policy = json.dumps(release_policy(urls["maa"]), separators=(",", ":")).encode()
     body = {
@@ -329,10 +392,13 @@ def create_kek(directory: Path, urls: dict[str, str], name: str) -> str:
         },
     }
     context = ssl.create_default_context(cafile=str(directory / "pki" / "ca.pem"))
-    url = (f"{urls['keyvault']}/keys/{urllib.parse.quote(name)}/create?"
-           f"api-version={KEYVAULT_API_VERSION}")
-    bundle = _http_json(url, method="POST", headers={"Authorization": f"Bearer {token}"},
-                        body=body, context=context)
+    url = (
+        f"{urls['keyvault']}/keys/{urllib.parse.quote(name)}/create?"
+        f"api-version={KEYVAULT_API_VERSION}"
+    )
+    bundle = _http_json(
+        url, method="POST", headers={"Authorization": f"Bearer {token}"}, body=body, context=context
+    )
     kid = bundle.get("key", {}).get("kid")
     if not isinstance(kid, str):
         raise TestbedError("Key Vault answered without a key id", reason="http-error")
@@ -342,8 +408,7 @@ def create_kek(directory: Path, urls: dict[str, str], name: str) -> str:
 def _urls(directory: Path) -> dict[str, str]:
     info = RunRecords(directory).services()
     if info is None:
-        raise TestbedError(f"no testbed services are running in {directory}",
-                           reason="not-running")
+        raise TestbedError(f"no testbed services are running in {directory}", reason="not-running")
     urls: dict[str, str] = info["urls"]
     return urls
 
@@ -375,8 +440,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     }
     try:
         gpu = fakegpu.read_state(args.dir / "gpu" / "state")
-        report["gpu"] = {"cc": gpu.cc, "devtools": gpu.devtools, "env": gpu.env,
-                         "gpus": gpu.gpus, "lost": gpu.lost, "ready": gpu.ready}
+        report["gpu"] = {
+            "cc": gpu.cc,
+            "devtools": gpu.devtools,
+            "env": gpu.env,
+            "gpus": gpu.gpus,
+            "lost": gpu.lost,
+            "ready": gpu.ready,
+        }
     except fakegpu.GpuError:
         report["gpu"] = None
     print(json.dumps(report, indent=1, sort_keys=True))
@@ -408,12 +479,27 @@ def cmd_fault(args: argparse.Namespace) -> int:
         return 0
     if args.service is None:
         raise TestbedError("name a service, or pass --clear", reason="usage")
-    if args.status is None and not args.down and args.latency <= 0:
-        raise TestbedError("a fault needs --status, --down or --latency", reason="usage")
+    if args.foreign_signer and args.service != "kv-release":
+        raise TestbedError("--foreign-signer is a kv-release fault", reason="usage")
+    if args.status is None and not args.down and args.latency <= 0 and not args.foreign_signer:
+        raise TestbedError(
+            "a fault needs --status, --down, --latency or --foreign-signer", reason="usage"
+        )
+    if args.status is not None and not 100 <= args.status <= 599:
+        raise TestbedError("--status must be an HTTP status, 100..599", reason="usage")
     if args.count == 0 or args.count < -1:
         raise TestbedError("--count must be positive, or -1 for until cleared", reason="usage")
-    faults.arm(args.service, Fault(status=args.status, retry_after=args.retry_after,
-                                   latency_s=args.latency, down=args.down, count=args.count))
+    faults.arm(
+        args.service,
+        Fault(
+            status=args.status,
+            retry_after=args.retry_after,
+            latency_s=args.latency,
+            down=args.down,
+            count=args.count,
+            foreign_signer=args.foreign_signer,
+        ),
+    )
     return 0
 
 
@@ -427,45 +513,103 @@ def cmd_pcr_extend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ak_cert(args: argparse.Namespace) -> int:
+    """Replace the vTPM's AK certificate by one for the same AK, from the same vTPM CA, that
+    expires in ``--days-left`` days (negative: already expired), so that a client's renewal
+    path (Microsoft's library renews within 90 days of expiry) can be exercised."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import serialization
+
+    from testbed.pki import Trust
+    from testbed.vtpm import AK_CERT_INDEX, Vtpm, issue_ak_certificate
+
+    if not -3650 <= args.days_left <= 3650:
+        raise TestbedError("--days-left must be within -3650..3650", reason="usage")
+    trust = Trust.load(args.dir / "pki")
+    vtpm = Vtpm.attach(args.dir / "vtpm")
+    not_after = (dt.datetime.now(dt.UTC) + dt.timedelta(days=args.days_left)).replace(microsecond=0)
+    cert = issue_ak_certificate(trust, vtpm.ak_public(), vtpm.vm_id, not_after=not_after)
+    vtpm.replace_ak_certificate(cert.public_bytes(serialization.Encoding.DER))
+    print(
+        json.dumps(
+            {
+                "index": f"0x{AK_CERT_INDEX:08X}",
+                "days_left": args.days_left,
+                "not_before": cert.not_valid_before_utc.isoformat(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "serial": f"{cert.serial_number:X}",
+            }
+        )
+    )
+    return 0
+
+
 def cmd_kek(args: argparse.Namespace) -> int:
     print(create_kek(args.dir, _urls(args.dir), args.name))
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m testbed",
-                                  description="Local stand-ins for Azure's side of the wire.")
+    top = argparse.ArgumentParser(
+        prog="python -m testbed", description="Local stand-ins for Azure's side of the wire."
+    )
     top.add_argument("--debug", action="store_true", help="tracebacks for unexpected errors")
     sub = top.add_subparsers(dest="command", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int],
-                help_text: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], help_text: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--dir", type=Path, required=True, help="the testbed directory")
         p.set_defaults(func=func)
         return p
 
     p = command("up", cmd_up, "start the testbed and write DIR/testbed.env")
-    p.add_argument("--gpus", type=int, default=1, choices=range(fakegpu.MAX_GPUS + 1),
-                   metavar="N", help="number of fake GPUs (default 1)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        choices=range(fakegpu.MAX_GPUS + 1),
+        metavar="N",
+        help="number of fake GPUs (default 1)",
+    )
     command("down", cmd_down, "stop every process the testbed started")
     command("status", cmd_status, "processes and ports as JSON")
     p = command("gpu", cmd_gpu, "change the fake GPU's state")
     p.add_argument("action", choices=[*fakegpu.ACTIONS, "show", "set"])
-    p.add_argument("assignments", nargs="*", metavar="KEY=VALUE",
-                   help="with `set`: state-file keys (see testbed/nvml/fake_nvml.c)")
+    p.add_argument(
+        "assignments",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="with `set`: state-file keys (see testbed/nvml/fake_nvml.c)",
+    )
     p = command("fault", cmd_fault, "arm or clear a service fault")
     p.add_argument("service", nargs="?", choices=SERVICES)
     p.add_argument("--status", type=int, help="answer this HTTP status")
     p.add_argument("--retry-after", type=int, help="Retry-After seconds sent with --status")
     p.add_argument("--latency", type=float, default=0.0, help="seconds added before answering")
     p.add_argument("--down", action="store_true", help="drop connections without an answer")
-    p.add_argument("--count", type=int, default=-1,
-                   help="requests affected (default -1: until cleared)")
+    p.add_argument(
+        "--count", type=int, default=-1, help="requests affected (default -1: until cleared)"
+    )
+    p.add_argument(
+        "--foreign-signer",
+        action="store_true",
+        help="kv-release: sign with a valid certificate for another host",
+    )
     p.add_argument("--clear", action="store_true", help="clear the service's (or all) faults")
     p = command("pcr-extend", cmd_pcr_extend, "extend a vTPM PCR")
     p.add_argument("--index", type=int, default=7, help="PCR index (default 7)")
     p.add_argument("--data", default="testbed pcr-extend", help="text whose digest is extended")
+    p = command("ak-cert", cmd_ak_cert, "replace the AK certificate by one near its expiry")
+    p.add_argument(
+        "--days-left",
+        type=int,
+        required=True,
+        metavar="N",
+        help="days until the new certificate expires (negative: expired)",
+    )
     p = command("kek", cmd_kek, "create a release-policy KEK and print its kid")
     p.add_argument("--name", required=True, help="key name")
     return top

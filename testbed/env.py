@@ -1,5 +1,6 @@
 """What a running testbed leaves in its directory: ``testbed.env``, ports and process records.
 
+- ``vm-id``: the VM's id (a GUID), made once per directory and kept across ``up``s.
 - ``testbed.env``: shell-sourceable ``export K=V`` lines (values shell-quoted), read back by
   :func:`read_env_file` (tests) or ``source`` (scripts).
 - ``run/services.json``: the services process's pid and ports, written by that process once
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 ENV_FILE = "testbed.env"
+VM_ID_FILE = "vm-id"
 RUN_DIR = "run"
 SERVICES_FILE = "services.json"
 PROCESSES_FILE = "processes.json"
@@ -30,6 +33,22 @@ def write_json(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def vm_id(directory: Path) -> str:
+    """This testbed directory's VM id: a lowercase GUID made once and kept in ``DIR/vm-id``
+    across ``up``s (a VM keeps its id when it reboots). IMDS serves it as ``compute.vmId``; the
+    vTPM's HCL runtime data carries it uppercase as ``vmUniqueId``."""
+    path = directory / VM_ID_FILE
+    try:
+        return str(uuid.UUID(path.read_text(encoding="ascii").strip()))
+    except (FileNotFoundError, ValueError):
+        pass
+    value = str(uuid.uuid4())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(value + "\n", encoding="ascii")
+    os.replace(tmp, path)
+    return value
 
 
 def write_env_file(path: Path, values: Mapping[str, str]) -> None:
@@ -63,7 +82,7 @@ def proc_start_time(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = stat[stat.rfind(")") + 2:].split()
+    fields = stat[stat.rfind(")") + 2 :].split()
     return int(fields[19])  # field 22 of stat(5); the first two fields precede this slice
 
 
@@ -73,7 +92,7 @@ def proc_state(pid: int) -> str | None:
         stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except (FileNotFoundError, ProcessLookupError):
         return None
-    return stat[stat.rfind(")") + 2:].split()[0]
+    return stat[stat.rfind(")") + 2 :].split()[0]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,11 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SERVICES = ("imds", "maa", "keyvault")
+# The services' own knobs, then the narrower ones: "ak-renew" (IMDS's AK-certificate renewal
+# route only), "kv-release" (Key Vault release answers only; adds foreign_signer) and
+# "azureattestskr" (the stand-in AzureAttestSKR tool: status = the release's HTTP status,
+# down = a transport failure, latency = a sleep).
+SERVICES = ("imds", "maa", "keyvault", "ak-renew", "kv-release", "azureattestskr")
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Fault:
     latency_s: float = 0.0  # sleep before answering
     down: bool = False  # drop the connection without an answer
     count: int = -1  # requests affected; -1 = until cleared
+    foreign_signer: bool = False  # kv-release: sign with a valid certificate for another host
 
 
 class Faults:

@@ -36,8 +36,8 @@ REJECTED = "EvidenceVerificationFailed"  # well-formed evidence that does not ve
 POLICY = "PolicyEvaluationError"  # verified evidence that the attestation policy refuses
 
 PROTOCOL_VERSION = "2.0"
-ENC_KEY_ATTRS = ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM | ObjectAttr.FIXED_PARENT | (
-    ObjectAttr.NO_DA
+ENC_KEY_ATTRS = (
+    ObjectAttr.DECRYPT | ObjectAttr.FIXED_TPM | ObjectAttr.FIXED_PARENT | (ObjectAttr.NO_DA)
 )
 
 
@@ -100,7 +100,7 @@ class GuestEvidence:
     ak: RsaPublic
     enc_key: RsaPublic
     snp: SnpEvidence
-    client_payload: dict[str, str] = field(default_factory=dict)
+    client_payload: dict[str, Any] = field(default_factory=dict)  # as sent
 
 
 # --- decoding -------------------------------------------------------------------------------
@@ -164,7 +164,11 @@ def _member(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], name: 
 
 
 _JSON_NAMES: dict[type, str] = {
-    str: "a string", int: "an integer", dict: "an object", list: "an array", bool: "a boolean"
+    str: "a string",
+    int: "an integer",
+    dict: "an object",
+    list: "an array",
+    bool: "a boolean",
 }
 
 
@@ -207,6 +211,21 @@ def _parse_public(raw: bytes, name: str) -> RsaPublic:
         raise _malformed(f"{name} is not a valid RSA TPM2B_PUBLIC: {exc}") from None
 
 
+def _parse_aik_pub(raw: bytes) -> RsaPublic:
+    """``TpmInfo.AikPub``: a TPM2B_PUBLIC, possibly followed by more bytes.
+
+    The C++ client sends the TPM2B_PUBLIC alone; Microsoft's Python client sends the whole
+    TPM2_ReadPublic response (``TPM2B_PUBLIC || TPM2B_NAME name || TPM2B_NAME qualifiedName``),
+    which MAA accepts. The leading TPM2B_PUBLIC is what is verified; the rest is ignored.
+    """
+    try:
+        public, _ = tpmstruct.parse_public_prefix(raw)
+    except tpmstruct.TpmFormatError as exc:
+        message = f"TpmInfo.AikPub does not begin with a valid RSA TPM2B_PUBLIC: {exc}"
+        raise _malformed(message) from None
+    return public
+
+
 def _parse_attest(raw: bytes, name: str, want: StAttest) -> tpmstruct.Attest:
     try:
         attest = tpmstruct.parse_attest(raw)
@@ -221,8 +240,9 @@ def _parse_attest(raw: bytes, name: str, want: StAttest) -> tpmstruct.Attest:
     return attest
 
 
-def _verify_ak_signature(ak: RsaPublic, signed: bytes, sig: bytes, sig_name: str,
-                         signed_name: str) -> None:
+def _verify_ak_signature(
+    ak: RsaPublic, signed: bytes, sig: bytes, sig_name: str, signed_name: str
+) -> None:
     """An RSASSA-SHA256 signature by the AK, sent raw or as a TPMT_SIGNATURE."""
     if len(sig) != len(ak.modulus):
         try:
@@ -277,8 +297,7 @@ def _verify_ak(tpm: dict[str, Any], policy: MaaPolicy, now: dt.datetime) -> RsaP
             REJECTED, f"TpmInfo.AikCert expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
         )
 
-    ak = _parse_public(b64_std(_member(tpm, "AikPub", str, where), "TpmInfo.AikPub"),
-                       "TpmInfo.AikPub")
+    ak = _parse_aik_pub(b64_std(_member(tpm, "AikPub", str, where), "TpmInfo.AikPub"))
     cert_key = cert.public_key()
     if not isinstance(cert_key, rsa.RSAPublicKey) or (
         cert_key.public_numbers() != ak.public_key().public_numbers()
@@ -328,9 +347,9 @@ def _pcr_values(tpm: dict[str, Any], pcr_set: tuple[int, ...]) -> dict[int, byte
     return dict(sorted(values.items()))
 
 
-def _verify_quote(tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy) -> tuple[
-    dict[int, bytes], tpmstruct.PcrSelection
-]:
+def _verify_quote(
+    tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy
+) -> tuple[dict[int, bytes], tpmstruct.PcrSelection]:
     quote_raw = b64_std(_member(tpm, "PcrQuote", str, "TpmInfo"), "TpmInfo.PcrQuote")
     sig = b64_std(_member(tpm, "PcrSignature", str, "TpmInfo"), "TpmInfo.PcrSignature")
     quote = _parse_attest(quote_raw, "TpmInfo.PcrQuote", StAttest.QUOTE)
@@ -341,9 +360,10 @@ def _verify_quote(tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy) -> tupl
     pcr_set = _pcr_set(tpm, policy)
     selected = [s for s in quote.quote.selections if s.pcrs]
     if len(selected) != 1 or selected[0].hash_alg != Alg.SHA256 or selected[0].pcrs != pcr_set:
-        shown = ", ".join(
-            f"{tpmstruct.alg_name(s.hash_alg)}:{list(s.pcrs)}" for s in selected
-        ) or "nothing"
+        shown = (
+            ", ".join(f"{tpmstruct.alg_name(s.hash_alg)}:{list(s.pcrs)}" for s in selected)
+            or "nothing"
+        )
         raise EvidenceError(
             REJECTED,
             f"TpmInfo.PcrQuote selects {shown}, not SHA256:{list(pcr_set)} from TpmInfo.PcrSet",
@@ -356,10 +376,16 @@ def _verify_quote(tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy) -> tupl
     return values, selected[0]
 
 
-def _verify_enc_key(tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy,
-                    pcrs: dict[int, bytes], selection: tpmstruct.PcrSelection) -> RsaPublic:
-    enc = _parse_public(b64_std(_member(tpm, "EncKeyPub", str, "TpmInfo"), "TpmInfo.EncKeyPub"),
-                        "TpmInfo.EncKeyPub")
+def _verify_enc_key(
+    tpm: dict[str, Any],
+    ak: RsaPublic,
+    policy: MaaPolicy,
+    pcrs: dict[int, bytes],
+    selection: tpmstruct.PcrSelection,
+) -> RsaPublic:
+    enc = _parse_public(
+        b64_std(_member(tpm, "EncKeyPub", str, "TpmInfo"), "TpmInfo.EncKeyPub"), "TpmInfo.EncKeyPub"
+    )
     if enc.key_bits != 2048:
         raise EvidenceError(REJECTED, f"TpmInfo.EncKeyPub is RSA-{enc.key_bits}, not RSA-2048")
     if not enc.has(ObjectAttr.DECRYPT) or enc.attributes & (
@@ -391,13 +417,17 @@ def _verify_enc_key(tpm: dict[str, Any], ak: RsaPublic, policy: MaaPolicy,
                 "TpmInfo.EncKeyPub authPolicy is not PolicyPCR over the quoted PCR values",
             )
 
-    info_raw = b64_std(_member(tpm, "EncKeyCertifyInfo", str, "TpmInfo"),
-                       "TpmInfo.EncKeyCertifyInfo")
-    sig = b64_std(_member(tpm, "EncKeyCertifyInfoSignature", str, "TpmInfo"),
-                  "TpmInfo.EncKeyCertifyInfoSignature")
+    info_raw = b64_std(
+        _member(tpm, "EncKeyCertifyInfo", str, "TpmInfo"), "TpmInfo.EncKeyCertifyInfo"
+    )
+    sig = b64_std(
+        _member(tpm, "EncKeyCertifyInfoSignature", str, "TpmInfo"),
+        "TpmInfo.EncKeyCertifyInfoSignature",
+    )
     info = _parse_attest(info_raw, "TpmInfo.EncKeyCertifyInfo", StAttest.CERTIFY)
-    _verify_ak_signature(ak, info_raw, sig, "TpmInfo.EncKeyCertifyInfoSignature",
-                         "TpmInfo.EncKeyCertifyInfo")
+    _verify_ak_signature(
+        ak, info_raw, sig, "TpmInfo.EncKeyCertifyInfoSignature", "TpmInfo.EncKeyCertifyInfo"
+    )
     if info.certify is None:  # parse_attest fills it for every CERTIFY
         raise _malformed("TpmInfo.EncKeyCertifyInfo carries no TPMS_CERTIFY_INFO")
     if info.certify.name != enc.name:
@@ -440,8 +470,9 @@ def _check_validity(cert: x509.Certificate, what: str, now: dt.datetime) -> None
         )
 
 
-def _verify_vcek_chain(chain: list[x509.Certificate], ark: x509.Certificate,
-                       now: dt.datetime) -> ec.EllipticCurvePublicKey:
+def _verify_vcek_chain(
+    chain: list[x509.Certificate], ark: x509.Certificate, now: dt.datetime
+) -> ec.EllipticCurvePublicKey:
     """Check ``[VCEK, ASK]`` or ``[VCEK, ASK, ARK]`` against the trusted ARK; the VCEK key."""
     if len(chain) not in (2, 3):
         raise _malformed(
@@ -464,15 +495,17 @@ def _verify_vcek_chain(chain: list[x509.Certificate], ark: x509.Certificate,
     return key
 
 
-def verify_snp(proof: dict[str, Any], runtime_raw: bytes, policy: MaaPolicy,
-               now: dt.datetime) -> SnpEvidence:
+def verify_snp(
+    proof: dict[str, Any], runtime_raw: bytes, policy: MaaPolicy, now: dt.datetime
+) -> SnpEvidence:
     """Verify an SNP report, its VCEK chain and its binding to the HCL runtime data."""
     where = "IsolationInfo.Evidence.Proof"
     report_raw = b64_any(_member(proof, "SnpReport", str, where), "SnpReport")
     if len(report_raw) != snpreport.REPORT_SIZE:
         raise _malformed(f"SnpReport is {len(report_raw)} bytes, not {snpreport.REPORT_SIZE}")
-    vcek = _verify_vcek_chain(_vcek_chain(_member(proof, "VcekCertChain", str, where)),
-                              policy.amd_root, now)
+    vcek = _verify_vcek_chain(
+        _vcek_chain(_member(proof, "VcekCertChain", str, where)), policy.amd_root, now
+    )
     report = snpreport.parse_report(report_raw)
     if report.signature_algo != snpreport.SIG_ALGO_ECDSA_P384_SHA384:
         raise EvidenceError(
@@ -524,7 +557,10 @@ def _check_hcl_ak(runtime: dict[str, Any], ak: RsaPublic) -> None:
         raise EvidenceError(REJECTED, "RunTimeData HCLAkPub is not TpmInfo.AikPub")
 
 
-def _client_payload(info: dict[str, Any]) -> dict[str, str]:
+def _client_payload(info: dict[str, Any]) -> dict[str, Any]:
+    """``ClientPayload``: a JSON object whose values may be any JSON (the C++ client sends
+    base64 strings, Microsoft's Python client sends its claims raw, nested objects included).
+    It is echoed into the token as sent."""
     value = info.get("ClientPayload")
     if value is None:
         return {}
@@ -535,9 +571,6 @@ def _client_payload(info: dict[str, Any]) -> dict[str, str]:
             raise _malformed("ClientPayload is not a JSON object") from None
     if not isinstance(value, dict):
         raise _malformed("ClientPayload is not a JSON object")
-    for key, item in value.items():
-        if not isinstance(item, str):
-            raise _malformed(f"ClientPayload.{key} must be a string")
     return dict(value)
 
 
@@ -570,11 +603,14 @@ def verify_guest(info: dict[str, Any], policy: MaaPolicy, now: dt.datetime) -> G
     if kind != "SevSnp":
         raise _malformed(f"IsolationInfo.Type {kind!r} is not supported (want 'SevSnp')")
     evidence = _member(isolation, "Evidence", dict, "IsolationInfo")
-    proof_raw = b64_any(_member(evidence, "Proof", str, "IsolationInfo.Evidence"),
-                        "IsolationInfo.Evidence.Proof")
+    proof_raw = b64_any(
+        _member(evidence, "Proof", str, "IsolationInfo.Evidence"), "IsolationInfo.Evidence.Proof"
+    )
     proof = _json_object(proof_raw, "IsolationInfo.Evidence.Proof")
-    runtime_raw = b64_any(_member(evidence, "RunTimeData", str, "IsolationInfo.Evidence"),
-                          "IsolationInfo.Evidence.RunTimeData")
+    runtime_raw = b64_any(
+        _member(evidence, "RunTimeData", str, "IsolationInfo.Evidence"),
+        "IsolationInfo.Evidence.RunTimeData",
+    )
     snp = verify_snp(proof, runtime_raw, policy, now)
     _check_hcl_ak(snp.runtime, ak)
 

@@ -146,8 +146,9 @@ def decrypt_response(token_field: str, enc_key: rsa.RSAPrivateKey) -> str:
     iv = base64.b64decode(envelope["EncryptionParams"]["Iv"])
     sealed = base64.b64decode(envelope["Jwt"]) + base64.b64decode(envelope["AuthenticationData"])
     try:
-        aes_key = enc_key.decrypt(base64.b64decode(envelope["EncryptedInnerKey"]),
-                                  padding.PKCS1v15())
+        aes_key = enc_key.decrypt(
+            base64.b64decode(envelope["EncryptedInnerKey"]), padding.PKCS1v15()
+        )
         # A wrong RSA key may also yield a random "inner key" (implicit rejection).
         if len(aes_key) * 8 != envelope["EncryptionParams"]["KeySizeInBits"]:
             raise ValueError("inner key size")
@@ -169,17 +170,27 @@ class MaaService:
     # --- metadata ---------------------------------------------------------------------------
 
     async def openid_configuration(self, request: web.Request) -> web.Response:
-        return web.json_response({
-            "issuer": self.issuer,
-            "jwks_uri": f"{self.issuer}/certs",
-            "id_token_signing_alg_values_supported": ["RS256"],
-            "response_types_supported": ["token", "none"],
-            "token_endpoint_auth_methods_supported": ["none"],
-            "claims_supported": [
-                "iat", "exp", "iss", "nbf", "jti", "x-ms-ver", "x-ms-attestation-type",
-                "x-ms-policy-hash", "x-ms-runtime", "x-ms-isolation-tee",
-            ],
-        })
+        return web.json_response(
+            {
+                "issuer": self.issuer,
+                "jwks_uri": f"{self.issuer}/certs",
+                "id_token_signing_alg_values_supported": ["RS256"],
+                "response_types_supported": ["token", "none"],
+                "token_endpoint_auth_methods_supported": ["none"],
+                "claims_supported": [
+                    "iat",
+                    "exp",
+                    "iss",
+                    "nbf",
+                    "jti",
+                    "x-ms-ver",
+                    "x-ms-attestation-type",
+                    "x-ms-policy-hash",
+                    "x-ms-runtime",
+                    "x-ms-isolation-tee",
+                ],
+            }
+        )
 
     async def certs(self, request: web.Request) -> web.Response:
         signing = self.trust.maa_signing.cert
@@ -201,8 +212,9 @@ class MaaService:
     async def _body(self, request: web.Request, kind: str) -> Any:
         version = request.query.get("api-version")
         if version is None:
-            raise EvidenceError("MissingApiVersionParameter",
-                                "the api-version query parameter is required")
+            raise EvidenceError(
+                "MissingApiVersionParameter", "the api-version query parameter is required"
+            )
         if version not in API_VERSIONS[kind]:
             raise EvidenceError(
                 "UnsupportedApiVersion",
@@ -210,16 +222,21 @@ class MaaService:
                 f"supported: {', '.join(API_VERSIONS[kind])}",
             )
         if request.content_type != "application/json":
-            raise EvidenceError(MALFORMED, f"Content-Type {request.content_type!r} is not "
-                                           "application/json")
+            raise EvidenceError(
+                MALFORMED, f"Content-Type {request.content_type!r} is not application/json"
+            )
         try:
             return json.loads(await request.read())
         except (UnicodeDecodeError, ValueError):
             raise EvidenceError(MALFORMED, "request body is not JSON") from None
 
     def _sign(self, claims: dict[str, Any]) -> str:
-        return jwks.sign(claims, self.trust.maa_signing, kid=self.kid,
-                         extra_header={"jku": f"{self.issuer}/certs", "typ": "JWT"})
+        return jwks.sign(
+            claims,
+            self.trust.maa_signing,
+            kid=self.kid,
+            extra_header={"jku": f"{self.issuer}/certs", "typ": "JWT"},
+        )
 
     def _base_claims(self, now: dt.datetime) -> dict[str, Any]:
         iat = int(now.timestamp())
@@ -271,13 +288,17 @@ class MaaService:
             **_snp_claims(evidence.snp.report),
         }
         claims["x-ms-policy-hash"] = self.policy_hash
-        ephemeral = {"kid": "TpmEphemeralEncryptionKey", "kty": "RSA", "key_ops": ["encrypt"],
-                     **_rsa_jwk(evidence.enc_key)}
+        ephemeral = {
+            "kid": "TpmEphemeralEncryptionKey",
+            "kty": "RSA",
+            "key_ops": ["encrypt"],
+            **_rsa_jwk(evidence.enc_key),
+        }
         x_ms_runtime: dict[str, Any] = {}
         if evidence.client_payload:
-            x_ms_runtime["client-payload"] = {
-                k: _b64(v.encode("utf-8")) for k, v in evidence.client_payload.items()
-            }
+            # Echoed exactly as sent: MAA adds no base64 layer of its own (the C++ client
+            # base64-encodes each value before sending; azure-protocols.md §7.3).
+            x_ms_runtime["client-payload"] = evidence.client_payload
         x_ms_runtime["keys"] = [ephemeral]
         claims["x-ms-runtime"] = x_ms_runtime
         claims["x-ms-ver"] = "1.0"
@@ -292,9 +313,11 @@ class MaaService:
             log.info("AzureGuest refused: %s: %s", exc.code, exc.message)
             return _error(400, exc.code, exc.message)
         token = self._sign(self.guest_claims(evidence, now))
-        log.info("AzureGuest attested vm %s, launch measurement %s",
-                 evidence.snp.runtime.get("vm-configuration", {}).get("vmUniqueId", "?"),
-                 evidence.snp.report.measurement.hex()[:16])
+        log.info(
+            "AzureGuest attested vm %s, launch measurement %s",
+            evidence.snp.runtime.get("vm-configuration", {}).get("vmUniqueId", "?"),
+            evidence.snp.report.measurement.hex()[:16],
+        )
         return web.json_response({"token": encrypt_token(token, evidence.enc_key)})
 
     async def attest_snp(self, request: web.Request) -> web.Response:
@@ -312,8 +335,10 @@ class MaaService:
             if not isinstance(runtime_data, dict) or "data" not in runtime_data:
                 raise EvidenceError(MALFORMED, "runtimeData.data is missing")
             if runtime_data.get("dataType", "JSON") != "JSON":
-                raise EvidenceError(MALFORMED, f"runtimeData.dataType "
-                                               f"{runtime_data.get('dataType')!r} is not 'JSON'")
+                raise EvidenceError(
+                    MALFORMED,
+                    f"runtimeData.dataType {runtime_data.get('dataType')!r} is not 'JSON'",
+                )
             runtime_raw = b64_any(runtime_data["data"], "runtimeData.data")
             evidence = verify_snp(proof, runtime_raw, self.policy, now)
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -332,15 +357,17 @@ class MaaService:
         return web.json_response({"token": self._sign(claims)})
 
     async def attest_unknown(self, request: web.Request) -> web.Response:
-        return _error(400, MALFORMED,
-                      f"attestation type {request.match_info['kind']!r} is not supported here")
+        return _error(
+            400, MALFORMED, f"attestation type {request.match_info['kind']!r} is not supported here"
+        )
 
 
 SERVICE_KEY = web.AppKey("maa", MaaService)
 
 
-def make_app(trust: Trust, faults: Faults | None, *, issuer: str,
-             policy: MaaPolicy | None = None) -> web.Application:
+def make_app(
+    trust: Trust, faults: Faults | None, *, issuer: str, policy: MaaPolicy | None = None
+) -> web.Application:
     """The MAA stand-in as an aiohttp application; ``issuer`` is its public base URL."""
     service = MaaService(trust, issuer, policy or MaaPolicy.for_trust(trust))
     app = web.Application(middlewares=[_attest_faults(faults)], client_max_size=MAX_BODY_BYTES)

@@ -3,7 +3,8 @@
 The grammar (Key Vault "secure key release policy grammar"):
 
     policy    = {"version": "1.0.0", "anyOf": [authority, ...]}
-    authority = {"authority": "<issuer URL>", "anyOf" | "allOf": [condition, ...]}   (one, not both)
+    authority = {"authority": "<issuer URL or host>", "anyOf" | "allOf": [condition, ...]}
+                                                                             (one, not both)
     condition = {"claim": "<dotted.path>", <operator>: <value>}
               | {"claim": "<dotted.path>", "condition": "<operator>", "value": <value>}
               | {"anyOf": [condition, ...]} | {"allOf": [condition, ...]}
@@ -27,6 +28,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 Scalar = str | int | float | bool
 GroupKind = Literal["anyOf", "allOf"]
@@ -84,8 +86,10 @@ class Failure:
 
     def describe(self) -> str:
         found = json.dumps(self.found) if self.present else "no such claim"
-        return (f"claim '{self.claim}' expected {self.operator} {json.dumps(self.expected)}, "
-                f"found {found}")
+        return (
+            f"claim '{self.claim}' expected {self.operator} {json.dumps(self.expected)}, "
+            f"found {found}"
+        )
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Verdict:
 
 
 def normalise_authority(url: str) -> str:
+    """An authority or issuer as compared: case-insensitively, without a trailing ``/``.
+    (A policy's bare-host authority already became ``https://host`` when it was parsed; an
+    issuer is taken as it is.)"""
     return url.strip().rstrip("/").lower()
 
 
@@ -123,8 +130,9 @@ def _key(obj: Mapping[str, Any], where: str) -> dict[str, tuple[str, Any]]:
 def _scalar(value: Any, where: str) -> Scalar:
     if isinstance(value, str | bool | int | float):
         return value
-    raise PolicyError(f"{where}: a value must be a string, number, true or false, not "
-                      f"{type(value).__name__}")
+    raise PolicyError(
+        f"{where}: a value must be a string, number, true or false, not {type(value).__name__}"
+    )
 
 
 def _group(kind: GroupKind, items: Any, where: str) -> Group:
@@ -140,8 +148,10 @@ def _condition(obj: Any, where: str) -> Condition | Group:
     groups = [g for g in _GROUP_BY_KEY if g in keys]
     if groups:
         if len(keys) != 1:
-            raise PolicyError(f"{where}: a nested anyOf/allOf stands alone, found keys "
-                              f"{sorted(k for k, _ in keys.values())}")
+            raise PolicyError(
+                f"{where}: a nested anyOf/allOf stands alone, found keys "
+                f"{sorted(k for k, _ in keys.values())}"
+            )
         kind = _GROUP_BY_KEY[groups[0]]
         return _group(kind, keys[groups[0]][1], where)
     if "claim" not in keys:
@@ -151,12 +161,16 @@ def _condition(obj: Any, where: str) -> Condition | Group:
         raise PolicyError(f"{where}.claim: expected a dotted claim name, found {claim!r}")
     if "condition" in keys or "value" in keys:
         if set(keys) != {"condition", "value"}:
-            raise PolicyError(f"{where}: the 'condition'/'value' form takes exactly those two "
-                              f"keys besides 'claim'")
+            raise PolicyError(
+                f"{where}: the 'condition'/'value' form takes exactly those two "
+                f"keys besides 'claim'"
+            )
         op_name = keys["condition"][1]
         if not isinstance(op_name, str) or op_name.lower() not in _OPERATOR_BY_KEY:
-            raise PolicyError(f"{where}.condition: unknown operator {op_name!r}; expected one of "
-                              f"{', '.join(OPERATORS)}")
+            raise PolicyError(
+                f"{where}.condition: unknown operator {op_name!r}; expected one of "
+                f"{', '.join(OPERATORS)}"
+            )
         operator, raw = _OPERATOR_BY_KEY[op_name.lower()], keys["value"][1]
     else:
         ops = [k for k in keys if k in _OPERATOR_BY_KEY]
@@ -164,13 +178,34 @@ def _condition(obj: Any, where: str) -> Condition | Group:
         if extra:
             raise PolicyError(f"{where}: unknown key(s) {sorted(extra)}")
         if len(ops) != 1:
-            raise PolicyError(f"{where}: a condition takes exactly one operator of "
-                              f"{', '.join(OPERATORS)}")
+            raise PolicyError(
+                f"{where}: a condition takes exactly one operator of {', '.join(OPERATORS)}"
+            )
         operator, raw = _OPERATOR_BY_KEY[ops[0]], keys[ops[0]][1]
     value = _scalar(raw, f"{where}.{operator}")
     if operator == "exists" and not isinstance(value, bool):
         raise PolicyError(f"{where}.exists: expected true or false")
     return Condition(claim, operator, value)
+
+
+def _authority_url(value: Any, where: str) -> str:
+    """An authority as policies write it: an https URL, or a bare host (``"authority":
+    "sharedeus2.eus2.attest.azure.net"``), which means ``https://`` + it."""
+    if not isinstance(value, str) or not value.strip():
+        raise PolicyError(f"{where}: expected an https:// issuer URL or a host, found {value!r}")
+    url = value.strip()
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or any(c.isspace() for c in url)
+        or parts.query
+        or parts.fragment
+    ):
+        raise PolicyError(f"{where}: expected an https:// issuer URL or a host, found {value!r}")
+    return url
 
 
 def _authority(obj: Any, where: str) -> Authority:
@@ -179,9 +214,7 @@ def _authority(obj: Any, where: str) -> Authority:
     keys = _key(obj, where)
     if "authority" not in keys:
         raise PolicyError(f"{where}: missing 'authority'")
-    url = keys.pop("authority")[1]
-    if not isinstance(url, str) or not url.startswith("https://"):
-        raise PolicyError(f"{where}.authority: expected an https:// issuer URL, found {url!r}")
+    url = _authority_url(keys.pop("authority")[1], f"{where}.authority")
     groups = [g for g in keys if g in _GROUP_BY_KEY]
     extra = [keys[k][0] for k in keys if k not in _GROUP_BY_KEY]
     if extra:
@@ -206,8 +239,9 @@ def parse(document: bytes | str | Mapping[str, Any]) -> Policy:
     keys = _key(obj, "policy")
     version = keys.pop("version", (None, None))[1]
     if version not in VERSIONS:
-        raise PolicyError(f"policy.version: expected one of {', '.join(VERSIONS)}, "
-                          f"found {version!r}")
+        raise PolicyError(
+            f"policy.version: expected one of {', '.join(VERSIONS)}, found {version!r}"
+        )
     if set(keys) != {"anyof"}:
         raise PolicyError("policy: expected exactly 'version' and 'anyOf' (a list of authorities)")
     items = keys["anyof"][1]
@@ -239,6 +273,7 @@ def _same_kind(a: Any, b: Any) -> bool:
         if isinstance(x, int | float):
             return "number"
         return type(x).__name__
+
     return kind(a) == kind(b)
 
 
@@ -250,8 +285,11 @@ def _holds(cond: Condition, found: Any) -> bool:
     if cond.operator in ("equals", "notEquals"):
         equal = _same_kind(found, cond.value) and found == cond.value
         return equal if cond.operator == "equals" else not equal
-    comparable = _same_kind(found, cond.value) and isinstance(found, str | int | float) and (
-        not isinstance(found, bool))
+    comparable = (
+        _same_kind(found, cond.value)
+        and isinstance(found, str | int | float)
+        and (not isinstance(found, bool))
+    )
     if not comparable:
         return False
     if cond.operator == "less":

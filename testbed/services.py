@@ -25,10 +25,11 @@ from pathlib import Path
 from aiohttp import web
 
 from testbed import imds, keyvault, maa
-from testbed.env import RunRecords, write_json
+from testbed.env import RunRecords, vm_id, write_json
 from testbed.faults import Faults
 from testbed.identities import Identities
 from testbed.pki import Trust
+from testbed.vtpm import recorded_ak_public
 
 HOST = "127.0.0.1"
 SERVICES = ("imds", "maa", "keyvault")
@@ -46,10 +47,11 @@ def _listen(host: str) -> socket.socket:
     return sock
 
 
-def tls_context(pki_dir: Path) -> ssl.SSLContext:
+def tls_context(pki_dir: Path, stem: str = "tls") -> ssl.SSLContext:
+    """A server context presenting ``pki/<stem>.pem`` (the leaf, then the issuing CA)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(pki_dir / "tls.pem", pki_dir / "tls.key")
+    ctx.load_cert_chain(pki_dir / f"{stem}.pem", pki_dir / f"{stem}.key")
     return ctx
 
 
@@ -66,21 +68,30 @@ async def serve(directory: Path, stop: asyncio.Event, host: str = HOST) -> None:
         "maa": f"https://{host}:{ports['maa']}",
         "keyvault": f"https://{host}:{ports['keyvault']}",
     }
+    instance = imds.Instance.for_identities(identities, vm_id(directory))
     apps = {
-        "imds": imds.make_app(trust, faults, identities),
+        "imds": imds.make_app(
+            trust,
+            faults,
+            identities,
+            instance=instance,
+            ak_public=lambda: recorded_ak_public(directory / "vtpm"),
+        ),
         "maa": maa.make_app(trust, faults, issuer=urls["maa"]),
-        "keyvault": keyvault.make_app(trust, faults, identities, vault_url=urls["keyvault"],
-                                      maa_ca_bundle=pki_dir / "ca.pem"),
+        "keyvault": keyvault.make_app(
+            trust, faults, identities, vault_url=urls["keyvault"], maa_ca_bundle=pki_dir / "ca.pem"
+        ),
     }
-    tls = tls_context(pki_dir)
+    # MAA presents its own TLS certificate; Key Vault its TLS service certificate, the one
+    # that also signs its release answers.
+    contexts = {"maa": tls_context(pki_dir, "tls"), "keyvault": tls_context(pki_dir, "kv-tls")}
     runners: list[web.AppRunner] = []
     try:
         for name in SERVICES:
             runner = web.AppRunner(apps[name], access_log=None, handle_signals=False)
             await runner.setup()
             runners.append(runner)
-            site = web.SockSite(runner, socks[name],
-                                ssl_context=None if name == "imds" else tls)
+            site = web.SockSite(runner, socks[name], ssl_context=contexts.get(name))
             await site.start()
         records = RunRecords(directory)
         write_json(records.services_file, {"pid": os.getpid(), "ports": ports, "urls": urls})
@@ -116,14 +127,24 @@ def wait_for_inputs(directory: Path, timeout_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbed.services",
-                                     description="Serve the testbed's IMDS, MAA and Key Vault.")
+    parser = argparse.ArgumentParser(
+        prog="python -m testbed.services",
+        description="Serve the testbed's IMDS, MAA and Key Vault.",
+    )
     parser.add_argument("--dir", type=Path, required=True, help="the testbed directory")
-    parser.add_argument("--wait-for-inputs", type=float, default=0.0, metavar="SECONDS",
-                        help="wait this long for run/inputs.ready before loading the trust")
+    parser.add_argument(
+        "--wait-for-inputs",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait this long for run/inputs.ready before loading the trust",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         if args.wait_for_inputs > 0:
             wait_for_inputs(args.dir.resolve(), args.wait_for_inputs)

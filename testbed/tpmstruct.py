@@ -71,7 +71,10 @@ class ObjectAttr(enum.IntFlag):
 
 
 _HASHES: dict[int, str] = {
-    Alg.SHA1: "sha1", Alg.SHA256: "sha256", Alg.SHA384: "sha384", Alg.SHA512: "sha512",
+    Alg.SHA1: "sha1",
+    Alg.SHA256: "sha256",
+    Alg.SHA384: "sha384",
+    Alg.SHA512: "sha512",
 }
 
 
@@ -171,11 +174,26 @@ class RsaPublic:
 
 
 def parse_public(data: bytes) -> RsaPublic:
-    """Parse a marshalled TPM2B_PUBLIC holding an RSA key."""
+    """Parse a marshalled TPM2B_PUBLIC holding an RSA key (and nothing after it)."""
+    public, used = parse_public_prefix(data)
+    if used != len(data):
+        raise TpmFormatError(
+            f"TPM2B_PUBLIC has {len(data) - used} trailing bytes after offset {used}"
+        )
+    return public
+
+
+def parse_public_prefix(data: bytes) -> tuple[RsaPublic, int]:
+    """Parse the TPM2B_PUBLIC (RSA) at the start of ``data``; returns it and its length.
+
+    What follows it is the caller's business: a TPM2_ReadPublic response marshalled whole
+    carries ``TPM2B_NAME name || TPM2B_NAME qualifiedName`` after it.
+    """
     outer = _Reader(data, "TPM2B_PUBLIC")
     inner = outer.tpm2b("publicArea")
-    outer.end()
-    return parse_tpmt_public(inner)
+    if not inner:
+        raise TpmFormatError("TPM2B_PUBLIC is empty (size 0)")
+    return parse_tpmt_public(inner), outer.pos
 
 
 def parse_tpmt_public(data: bytes) -> RsaPublic:
@@ -380,6 +398,4 @@ def policy_pcr_digest(
     selection = marshal_pcr_selection(hash_alg, pcrs, size_of_select)
     pcr_digest = digest(hash_alg, b"".join(pcr_values))
     start = bytes(digest_size(hash_alg))
-    return digest(
-        hash_alg, start + TPM_CC_POLICY_PCR.to_bytes(4, "big") + selection + pcr_digest
-    )
+    return digest(hash_alg, start + TPM_CC_POLICY_PCR.to_bytes(4, "big") + selection + pcr_digest)

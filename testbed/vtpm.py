@@ -18,8 +18,9 @@ Provisioning (shared/reference/azure-protocols.md §1):
   user data there; the proxy then regenerates 0x01400001 (see testbed/tpmproxy.py).
 
 State under ``state_dir``: ``tpm/`` (swtpm's NV state), ``swtpm.pid``, ``swtpm.log``,
-``tpmproxy.log`` and ``vtpm.json`` (ports, pids, tcti, VM id; no key material), from which
-``Vtpm.attach(state_dir)`` gives another process a handle to stop it or extend PCRs.
+``tpmproxy.log`` and ``vtpm.json`` (ports, pids, tcti, VM id, the AK's public key; no private
+key material), from which ``Vtpm.attach(state_dir)`` gives another process a handle to stop it,
+extend PCRs or replace the AK certificate.
 """
 
 from __future__ import annotations
@@ -107,9 +108,12 @@ def _esapi(port: int) -> Any:
 def _ak_template() -> Any:
     tss = _tpm()
     attrs = (
-        tss.TPMA_OBJECT.FIXEDTPM | tss.TPMA_OBJECT.FIXEDPARENT
-        | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN | tss.TPMA_OBJECT.USERWITHAUTH
-        | tss.TPMA_OBJECT.RESTRICTED | tss.TPMA_OBJECT.SIGN_ENCRYPT
+        tss.TPMA_OBJECT.FIXEDTPM
+        | tss.TPMA_OBJECT.FIXEDPARENT
+        | tss.TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | tss.TPMA_OBJECT.USERWITHAUTH
+        | tss.TPMA_OBJECT.RESTRICTED
+        | tss.TPMA_OBJECT.SIGN_ENCRYPT
     )
     scheme = tss.TPMT_RSA_SCHEME(
         scheme=tss.TPM2_ALG.RSASSA,
@@ -117,32 +121,44 @@ def _ak_template() -> Any:
     )
     params = tss.TPMS_RSA_PARMS(
         symmetric=tss.TPMT_SYM_DEF_OBJECT(algorithm=tss.TPM2_ALG.NULL),
-        scheme=scheme, keyBits=2048, exponent=0,
+        scheme=scheme,
+        keyBits=2048,
+        exponent=0,
     )
-    return tss.TPM2B_PUBLIC(tss.TPMT_PUBLIC(
-        type=tss.TPM2_ALG.RSA, nameAlg=tss.TPM2_ALG.SHA256, objectAttributes=attrs,
-        parameters=tss.TPMU_PUBLIC_PARMS(rsaDetail=params),
-    ))
+    return tss.TPM2B_PUBLIC(
+        tss.TPMT_PUBLIC(
+            type=tss.TPM2_ALG.RSA,
+            nameAlg=tss.TPM2_ALG.SHA256,
+            objectAttributes=attrs,
+            parameters=tss.TPMU_PUBLIC_PARMS(rsaDetail=params),
+        )
+    )
 
 
 def _nv_attributes() -> int:
     tss = _tpm()
-    return int(tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD
-               | tss.TPMA_NV.NO_DA)
+    return int(
+        tss.TPMA_NV.OWNERWRITE | tss.TPMA_NV.OWNERREAD | tss.TPMA_NV.AUTHREAD | tss.TPMA_NV.NO_DA
+    )
 
 
 def _nv_store(esapi: Any, index: int, data: bytes, size: int) -> None:
     """Define an owner read/write ordinary index of ``size`` bytes and write ``data`` padded."""
     tss = _tpm()
-    public = tss.TPM2B_NV_PUBLIC(tss.TPMS_NV_PUBLIC(
-        nvIndex=index, nameAlg=tss.TPM2_ALG.SHA256, attributes=_nv_attributes(),
-        dataSize=size,
-    ))
+    public = tss.TPM2B_NV_PUBLIC(
+        tss.TPMS_NV_PUBLIC(
+            nvIndex=index,
+            nameAlg=tss.TPM2_ALG.SHA256,
+            attributes=_nv_attributes(),
+            dataSize=size,
+        )
+    )
     handle = esapi.nv_define_space(b"", public, auth_handle=tss.ESYS_TR.OWNER)
     padded = data.ljust(size, b"\0")
     for offset in range(0, size, NV_CHUNK):
-        esapi.nv_write(handle, padded[offset : offset + NV_CHUNK], offset,
-                       auth_handle=tss.ESYS_TR.OWNER)
+        esapi.nv_write(
+            handle, padded[offset : offset + NV_CHUNK], offset, auth_handle=tss.ESYS_TR.OWNER
+        )
     esapi.tr_close(handle)
 
 
@@ -153,15 +169,27 @@ def _ak_public_key(tpm_public: Any) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(exponent, modulus).public_key()
 
 
-def issue_ak_certificate(trust: Trust, ak_public: rsa.RSAPublicKey, vm_id: str) -> x509.Certificate:
-    """The AK certificate, shaped like Azure's (issuer "Global Virtual TPM CA - 03" style)."""
+def issue_ak_certificate(
+    trust: Trust, ak_public: rsa.RSAPublicKey, vm_id: str, *, not_after: dt.datetime | None = None
+) -> x509.Certificate:
+    """The AK certificate, shaped like Azure's (issuer "Global Virtual TPM CA - 03" style).
+
+    It is valid from five minutes ago for a year, or until ``not_after`` (then from a year
+    before it, or five minutes ago if that is earlier): a certificate near or past its expiry
+    is how a client's renewal path is exercised.
+    """
     issuer = trust.vtpm_ca
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    tpm_attributes = x509.Name([
-        x509.NameAttribute(OID_TPM_MANUFACTURER, "id:4D534654"),  # "MSFT"
-        x509.NameAttribute(OID_TPM_MODEL, "testbed vTPM"),
-        x509.NameAttribute(OID_TPM_VERSION, "id:00020018"),
-    ])
+    if not_after is None:
+        not_after = now + dt.timedelta(days=365)
+    not_before = min(now, not_after - dt.timedelta(days=365))
+    tpm_attributes = x509.Name(
+        [
+            x509.NameAttribute(OID_TPM_MANUFACTURER, "id:4D534654"),  # "MSFT"
+            x509.NameAttribute(OID_TPM_MODEL, "testbed vTPM"),
+            x509.NameAttribute(OID_TPM_VERSION, "id:00020018"),
+        ]
+    )
     issuer_public = issuer.key.public_key()
     return (
         x509.CertificateBuilder()
@@ -169,14 +197,20 @@ def issue_ak_certificate(trust: Trust, ak_public: rsa.RSAPublicKey, vm_id: str) 
         .issuer_name(issuer.cert.subject)
         .public_key(ak_public)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=365))
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -191,6 +225,17 @@ def issue_ak_certificate(trust: Trust, ak_public: rsa.RSAPublicKey, vm_id: str) 
         )
         .sign(issuer.key, hashes.SHA256())
     )
+
+
+def recorded_ak_public(state_dir: Path) -> rsa.RSAPublicKey | None:
+    """The AK public key a running vTPM recorded in ``state_dir/vtpm.json``; None when there is
+    none (no vTPM started there yet). For services that must know the AK without a TPM."""
+    try:
+        state = json.loads((state_dir / STATE_FILE).read_text(encoding="utf-8"))
+        key = serialization.load_pem_public_key(str(state["ak_public_pem"]).encode("ascii"))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return key if isinstance(key, rsa.RSAPublicKey) else None
 
 
 def _pick_port_pair() -> int:
@@ -273,6 +318,7 @@ class Vtpm:
     swtpm_port: int
     proxy_port: int
     _procs: list[_Proc] = field(default_factory=list, repr=False)
+    _ak_public_pem: str = field(default="", repr=False)
 
     @property
     def tcti(self) -> str:
@@ -297,6 +343,9 @@ class Vtpm:
         try:
             vtpm._start_swtpm()
             ak_public = vtpm._provision(trust)
+            vtpm._ak_public_pem = ak_public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode("ascii")
             vtpm._start_proxy(ak_public, trust.vcek.key)
             vtpm._save()
         except BaseException:
@@ -311,12 +360,16 @@ class Vtpm:
         try:
             state = json.loads(path.read_text(encoding="utf-8"))
             procs = [_Proc(name, int(pid)) for name, pid in state["pids"].items()]
-            return cls(state_dir=state_dir, vm_id=str(state["vm_id"]),
-                       swtpm_port=int(state["swtpm_port"]), proxy_port=int(state["proxy_port"]),
-                       _procs=procs)
+            return cls(
+                state_dir=state_dir,
+                vm_id=str(state["vm_id"]),
+                swtpm_port=int(state["swtpm_port"]),
+                proxy_port=int(state["proxy_port"]),
+                _procs=procs,
+                _ak_public_pem=str(state.get("ak_public_pem", "")),
+            )
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise VtpmError(f"no usable vTPM state at {path}: {exc}",
-                            reason="vtpm-state") from None
+            raise VtpmError(f"no usable vTPM state at {path}: {exc}", reason="vtpm-state") from None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop swtpm (control-channel shutdown, else SIGTERM) and the proxy; wait for both.
@@ -328,7 +381,9 @@ class Vtpm:
                 try:
                     subprocess.run(
                         ["swtpm_ioctl", "--tcp", f"{HOST}:{self.swtpm_port + 1}", "-s"],
-                        capture_output=True, timeout=timeout, check=False,
+                        capture_output=True,
+                        timeout=timeout,
+                        check=False,
                     )
                 except (OSError, subprocess.TimeoutExpired):
                     pass
@@ -368,6 +423,63 @@ class Vtpm:
         except tss.TSS2_Exception as exc:
             raise VtpmError(f"PCR_Event on PCR {index} failed: {exc}", reason="vtpm-pcr") from None
 
+    # -- the AK certificate -------------------------------------------------------------------
+
+    def ak_public(self) -> rsa.RSAPublicKey:
+        """The AK's public key, read from the TPM (TPM2_ReadPublic of 0x81000003)."""
+        tss = _tpm()
+        try:
+            with _esapi(self.proxy_port) as esapi:
+                handle = esapi.tr_from_tpmpublic(AK_HANDLE)
+                public, _name, _qualified = esapi.read_public(handle)
+                esapi.tr_close(handle)
+        except tss.TSS2_Exception as exc:
+            raise VtpmError(f"ReadPublic of the AK failed: {exc}", reason="vtpm-ak") from None
+        return _ak_public_key(public)
+
+    def read_nv(self, index: int) -> bytes:
+        """The whole content of NV ``index`` (owner read, in chunks), through the proxy."""
+        tss = _tpm()
+        try:
+            with _esapi(self.proxy_port) as esapi:
+                handle = esapi.tr_from_tpmpublic(index)
+                nv_public, _ = esapi.nv_read_public(handle)
+                size = int(nv_public.nvPublic.dataSize)
+                data = b"".join(
+                    bytes(
+                        esapi.nv_read(
+                            handle,
+                            min(NV_CHUNK, size - offset),
+                            offset,
+                            auth_handle=tss.ESYS_TR.OWNER,
+                        )
+                    )
+                    for offset in range(0, size, NV_CHUNK)
+                )
+                esapi.tr_close(handle)
+        except tss.TSS2_Exception as exc:
+            raise VtpmError(f"reading NV 0x{index:08X} failed: {exc}", reason="vtpm-nv") from None
+        return data
+
+    def read_ak_certificate(self) -> bytes:
+        """The DER AK certificate at NV 0x01C101D0 (the index is exactly its size)."""
+        return self.read_nv(AK_CERT_INDEX)
+
+    def replace_ak_certificate(self, der: bytes) -> None:
+        """Store ``der`` at NV 0x01C101D0 the way Microsoft's guest library stores a renewed
+        AK certificate (Tss2Wrapper::WriteAikCert): undefine the index, define it again with
+        exactly the certificate's size, write it."""
+        tss = _tpm()
+        try:
+            with _esapi(self.proxy_port) as esapi:
+                handle = esapi.tr_from_tpmpublic(AK_CERT_INDEX)
+                esapi.nv_undefine_space(handle, auth_handle=tss.ESYS_TR.OWNER)
+                _nv_store(esapi, AK_CERT_INDEX, der, len(der))
+        except tss.TSS2_Exception as exc:
+            raise VtpmError(
+                f"writing the AK certificate failed: {exc}", reason="vtpm-ak-cert"
+            ) from None
+
     # -- steps of start ----------------------------------------------------------------------
 
     def _start_swtpm(self) -> None:
@@ -379,17 +491,25 @@ class Vtpm:
             port = _pick_port_pair()
             pid_file.unlink(missing_ok=True)
             argv = [
-                "swtpm", "socket", "--tpm2",
-                "--server", f"type=tcp,port={port},bindaddr={HOST}",
-                "--ctrl", f"type=tcp,port={port + 1},bindaddr={HOST}",
-                "--tpmstate", f"dir={tpm_dir}",
-                "--flags", "not-need-init,startup-clear",
-                "--pid", f"file={pid_file}",
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--server",
+                f"type=tcp,port={port},bindaddr={HOST}",
+                "--ctrl",
+                f"type=tcp,port={port + 1},bindaddr={HOST}",
+                "--tpmstate",
+                f"dir={tpm_dir}",
+                "--flags",
+                "not-need-init,startup-clear",
+                "--pid",
+                f"file={pid_file}",
             ]
             with log_path.open("ab") as log_file:
                 try:
-                    popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                             stdout=log_file, stderr=log_file)
+                    popen = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file
+                    )
                 except OSError as exc:
                     raise VtpmError(f"cannot run swtpm: {exc}", reason="vtpm-start") from None
             # swtpm writes its pid file only after both sockets are bound and listening, so the
@@ -432,15 +552,17 @@ class Vtpm:
                 cert = issue_ak_certificate(trust, ak_public, self.vm_id)
                 der = cert.public_bytes(serialization.Encoding.DER)
                 _nv_store(esapi, AK_CERT_INDEX, der, len(der))
-                report = hcl.build_hcl_report(ak_public=ak_public, vm_id=self.vm_id,
-                                              vcek_key=vcek_key)
+                report = hcl.build_hcl_report(
+                    ak_public=ak_public, vm_id=self.vm_id, vcek_key=vcek_key
+                )
                 _nv_store(esapi, HCL_REPORT_INDEX, report, hcl.NV_MAX_SIZE)
         except tss.TSS2_Exception as exc:
             raise VtpmError(f"provisioning failed: {exc}", reason="vtpm-provision") from None
         return ak_public
 
-    def _start_proxy(self, ak_public: rsa.RSAPublicKey,
-                     vcek_key: ec.EllipticCurvePrivateKey) -> None:
+    def _start_proxy(
+        self, ak_public: rsa.RSAPublicKey, vcek_key: ec.EllipticCurvePrivateKey
+    ) -> None:
         config = {
             "upstream_host": HOST,
             "upstream_port": self.swtpm_port,
@@ -451,7 +573,8 @@ class Vtpm:
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ).decode(),
             "vcek_key_pem": vcek_key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
                 serialization.NoEncryption(),
             ).decode(),
         }
@@ -461,7 +584,9 @@ class Vtpm:
         with (self.state_dir / "tpmproxy.log").open("ab") as log_file:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "testbed.tpmproxy"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
                 env={**os.environ, "PYTHONPATH": python_path},
             )
         self._procs.append(_Proc("tpmproxy", popen.pid, popen))
@@ -489,6 +614,7 @@ class Vtpm:
             "swtpm_ctrl_port": self.swtpm_port + 1,
             "proxy_port": self.proxy_port,
             "pids": {p.name: p.pid for p in self._procs},
+            "ak_public_pem": self._ak_public_pem,
         }
         tmp = self.state_dir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")

@@ -353,3 +353,16 @@ def test_agrees_with_the_testbeds_independent_evaluator(
     except PolicyError:
         ours = False
     assert ours == verdict.allowed
+
+
+def test_an_authority_without_a_scheme_means_https() -> None:
+    """The tutorial's release-policy.json writes the bare host, which Key Vault accepts."""
+    bare = {"version": "1.0.0", "anyOf": [{
+        "authority": "sharedeus.eus.attest.azure.net",
+        "allOf": CVM_POLICY["anyOf"][0]["allOf"],
+    }]}
+    policy.evaluate(bare, tee(), MAA)
+    assert refused(bare, tee(), "http://sharedeus.eus.attest.azure.net").details["claim"] == "iss"
+    assert refused(bare, tee(), "https://other.attest.azure.net").details["claim"] == "iss"
+    invalid(one({"claim": "a", "exists": True}, authority=""))
+    invalid(one({"claim": "a", "exists": True}, authority="ftp://sharedeus.eus.attest.azure.net"))

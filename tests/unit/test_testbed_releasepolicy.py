@@ -23,20 +23,27 @@ pytestmark = pytest.mark.unit
 MAA = "https://sharedweu.weu.attest.azure.net"
 CVM_POLICY = {
     "version": "1.0.0",
-    "anyOf": [{
-        "authority": MAA + "/",
-        "allOf": [
-            {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
-            {"claim": "x-ms-isolation-tee.x-ms-compliance-status",
-             "equals": "azure-compliant-cvm"},
-        ],
-    }],
+    "anyOf": [
+        {
+            "authority": MAA + "/",
+            "allOf": [
+                {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
+                {
+                    "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+                    "equals": "azure-compliant-cvm",
+                },
+            ],
+        }
+    ],
 }
 CVM_CLAIMS = {
     "iss": MAA,
-    "x-ms-isolation-tee": {"x-ms-attestation-type": "sevsnpvm",
-                           "x-ms-compliance-status": "azure-compliant-cvm",
-                           "x-ms-sevsnpvm-guestsvn": 7, "x-ms-sevsnpvm-is-debuggable": False},
+    "x-ms-isolation-tee": {
+        "x-ms-attestation-type": "sevsnpvm",
+        "x-ms-compliance-status": "azure-compliant-cvm",
+        "x-ms-sevsnpvm-guestsvn": 7,
+        "x-ms-sevsnpvm-is-debuggable": False,
+    },
     "secureboot": True,
 }
 
@@ -49,17 +56,23 @@ def test_canonical_cvm_policy_parses_and_admits_a_cvm_token() -> None:
     policy = parse(json.dumps(CVM_POLICY).encode())
     assert policy.authorities[0].rule.kind == "allOf"
     assert policy.authorities[0].rule.items[0] == Condition(
-        "x-ms-isolation-tee.x-ms-attestation-type", "equals", "sevsnpvm")
+        "x-ms-isolation-tee.x-ms-attestation-type", "equals", "sevsnpvm"
+    )
     assert evaluate(policy, MAA, CVM_CLAIMS).allowed
 
 
 def test_failure_names_the_claim_the_expectation_and_the_value_found() -> None:
-    claims = CVM_CLAIMS | {"x-ms-isolation-tee": {"x-ms-attestation-type": "sgx",
-                                                  "x-ms-compliance-status": "azure-compliant-cvm"}}
+    claims = CVM_CLAIMS | {
+        "x-ms-isolation-tee": {
+            "x-ms-attestation-type": "sgx",
+            "x-ms-compliance-status": "azure-compliant-cvm",
+        }
+    }
     verdict = evaluate(parse(CVM_POLICY), MAA, claims)
     assert not verdict.allowed
-    assert verdict.describe() == ("claim 'x-ms-isolation-tee.x-ms-attestation-type' expected "
-                                  'equals "sevsnpvm", found "sgx"')
+    assert verdict.describe() == (
+        'claim \'x-ms-isolation-tee.x-ms-attestation-type\' expected equals "sevsnpvm", found "sgx"'
+    )
 
 
 def test_missing_claim_fails_and_says_so() -> None:
@@ -77,45 +90,97 @@ def test_issuer_matches_with_or_without_trailing_slash() -> None:
     assert "not an authority" in verdict.describe()
 
 
+@pytest.mark.parametrize(
+    "authority",
+    [
+        "sharedweu.weu.attest.azure.net",
+        "sharedweu.weu.attest.azure.net/",
+        "  SharedWEU.weu.attest.azure.net  ",
+    ],
+)
+def test_authority_without_a_scheme_means_https(authority: str) -> None:
+    """Policies are often written ``"authority": "sharedeus2.eus2.attest.azure.net"``."""
+    doc = {
+        "version": "1.0.0",
+        "anyOf": [
+            {
+                "authority": authority,
+                "allOf": [
+                    {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"}
+                ],
+            }
+        ],
+    }
+    policy = parse(doc)
+    assert policy.authorities[0].authority == "https://" + authority.strip()
+    assert evaluate(policy, MAA, CVM_CLAIMS).allowed
+    assert evaluate(policy, MAA + "/", CVM_CLAIMS).allowed
+    assert policy.authorities_for(MAA) == policy.authorities
+    # The issuer itself is taken as it is: a token whose iss has no scheme matches nothing.
+    assert evaluate(policy, "sharedweu.weu.attest.azure.net", CVM_CLAIMS).untrusted_issuer
+    assert evaluate(policy, "http://sharedweu.weu.attest.azure.net", CVM_CLAIMS).untrusted_issuer
+
+
 def test_alternative_condition_value_form() -> None:
-    policy = parse(_single({"claim": "x-ms-isolation-tee.x-ms-attestation-type",
-                            "condition": "equals", "value": "sevsnpvm"}))
+    policy = parse(
+        _single(
+            {
+                "claim": "x-ms-isolation-tee.x-ms-attestation-type",
+                "condition": "equals",
+                "value": "sevsnpvm",
+            }
+        )
+    )
     assert policy.authorities[0].rule.items[0] == Condition(
-        "x-ms-isolation-tee.x-ms-attestation-type", "equals", "sevsnpvm")
+        "x-ms-isolation-tee.x-ms-attestation-type", "equals", "sevsnpvm"
+    )
     assert evaluate(policy, MAA, CVM_CLAIMS).allowed
 
 
 def test_keywords_match_case_insensitively_as_the_documented_ebnf_spells_them() -> None:
-    doc = {"version": "1.0.0", "anyof": [{"authority": MAA, "allof": [
-        {"claim": "secureboot", "Equals": True}]}]}
+    doc = {
+        "version": "1.0.0",
+        "anyof": [{"authority": MAA, "allof": [{"claim": "secureboot", "Equals": True}]}],
+    }
     assert evaluate(parse(doc), MAA, CVM_CLAIMS).allowed
 
 
-@pytest.mark.parametrize(("condition", "allowed"), [
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greaterOrEquals": 7}, True),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greater": 7}, False),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "less": 8}, True),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "lessOrEquals": 6}, False),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "equals": False}, True),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "notEquals": False}, False),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "equals": 0}, False),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "equals": "7"}, False),
-    ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greater": "1"}, False),
-    ({"claim": "secureboot", "exists": True}, True),
-    ({"claim": "x-ms-isolation-tee.nonexistent", "exists": False}, True),
-    ({"claim": "x-ms-isolation-tee.nonexistent", "notEquals": "x"}, False),
-    ({"claim": "x-ms-isolation-tee", "equals": "sevsnpvm"}, False),
-])
+@pytest.mark.parametrize(
+    ("condition", "allowed"),
+    [
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greaterOrEquals": 7}, True),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greater": 7}, False),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "less": 8}, True),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "lessOrEquals": 6}, False),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "equals": False}, True),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "notEquals": False}, False),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", "equals": 0}, False),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "equals": "7"}, False),
+        ({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", "greater": "1"}, False),
+        ({"claim": "secureboot", "exists": True}, True),
+        ({"claim": "x-ms-isolation-tee.nonexistent", "exists": False}, True),
+        ({"claim": "x-ms-isolation-tee.nonexistent", "notEquals": "x"}, False),
+        ({"claim": "x-ms-isolation-tee", "equals": "sevsnpvm"}, False),
+    ],
+)
 def test_operators(condition: dict[str, Any], allowed: bool) -> None:
     assert evaluate(parse(_single(condition)), MAA, CVM_CLAIMS).allowed is allowed
 
 
 def test_nested_groups() -> None:
-    doc = _single({"anyOf": [
-        {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "tdxvm"},
-        {"allOf": [{"claim": "secureboot", "equals": True},
-                   {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"}]},
-    ]})
+    doc = _single(
+        {
+            "anyOf": [
+                {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "tdxvm"},
+                {
+                    "allOf": [
+                        {"claim": "secureboot", "equals": True},
+                        {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
+                    ]
+                },
+            ]
+        }
+    )
     assert evaluate(parse(doc), MAA, CVM_CLAIMS).allowed
     verdict = evaluate(parse(doc), MAA, CVM_CLAIMS | {"secureboot": False})
     assert verdict.failure is not None
@@ -123,46 +188,111 @@ def test_nested_groups() -> None:
 
 
 def test_a_second_authority_is_tried() -> None:
-    doc = {"version": "1.0.0", "anyOf": [
-        {"authority": "https://other.attest.azure.net", "allOf": [
-            {"claim": "secureboot", "equals": False}]},
-        {"authority": MAA, "anyOf": [{"claim": "secureboot", "equals": True}]},
-    ]}
+    doc = {
+        "version": "1.0.0",
+        "anyOf": [
+            {
+                "authority": "https://other.attest.azure.net",
+                "allOf": [{"claim": "secureboot", "equals": False}],
+            },
+            {"authority": MAA, "anyOf": [{"claim": "secureboot", "equals": True}]},
+        ],
+    }
     assert evaluate(parse(doc), MAA, CVM_CLAIMS).allowed
     assert not evaluate(parse(doc), "https://other.attest.azure.net", CVM_CLAIMS).allowed
 
 
-@pytest.mark.parametrize(("doc", "message"), [
-    (b"{not json", "policy is not JSON"),
-    ([], "expected a JSON object"),
-    ({"anyOf": []}, "policy.version"),
-    ({"version": "2.0.0", "anyOf": [{"authority": MAA, "allOf": []}]}, "policy.version"),
-    ({"version": "1.0.0", "anyOf": []}, "non-empty array of authorities"),
-    ({"version": "1.0.0", "allOf": [{"authority": MAA, "allOf": []}]}, "exactly 'version' and"),
-    ({"version": "1.0.0", "anyOf": [{"allOf": [{"claim": "a", "equals": 1}]}]},
-     "missing 'authority'"),
-    ({"version": "1.0.0", "anyOf": [{"authority": "http://maa", "allOf": [
-        {"claim": "a", "equals": 1}]}]}, "https:// issuer URL"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": [{"claim": "a", "equals": 1}],
-                                     "anyOf": [{"claim": "a", "equals": 1}]}]},
-     "exactly one of anyOf or allOf"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA}]}, "exactly one of anyOf or allOf"),
-    (_single({"claim": "a", "equals": {"nested": 1}}), "not dict"),
-    (_single({"claim": "a", "equals": [1]}), "not list"),
-    (_single({"claim": "a", "equals": None}), "not NoneType"),
-    (_single({"claim": "a", "contains": "x"}), "unknown key(s) ['contains']"),
-    (_single({"claim": "a", "equals": 1, "notEquals": 2}), "exactly one operator"),
-    (_single({"claim": "a"}), "exactly one operator"),
-    (_single({"equals": 1}), "needs 'claim'"),
-    (_single({"claim": "a..b", "equals": 1}), "dotted claim name"),
-    (_single({"claim": "a", "condition": "matches", "value": "x"}), "unknown operator"),
-    (_single({"claim": "a", "condition": "equals"}), "exactly those two keys"),
-    (_single({"claim": "a", "exists": "yes"}), "exists: expected true or false"),
-    (_single({"anyOf": []}), "non-empty array of conditions"),
-    (_single({"anyOf": [{"claim": "a", "equals": 1}], "claim": "b"}), "stands alone"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": [
-        {"claim": "a", "equals": 1}], "AllOf": []}]}, "appears twice"),
-])
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (b"{not json", "policy is not JSON"),
+        ([], "expected a JSON object"),
+        ({"anyOf": []}, "policy.version"),
+        ({"version": "2.0.0", "anyOf": [{"authority": MAA, "allOf": []}]}, "policy.version"),
+        ({"version": "1.0.0", "anyOf": []}, "non-empty array of authorities"),
+        ({"version": "1.0.0", "allOf": [{"authority": MAA, "allOf": []}]}, "exactly 'version' and"),
+        (
+            {"version": "1.0.0", "anyOf": [{"allOf": [{"claim": "a", "equals": 1}]}]},
+            "missing 'authority'",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "http://maa", "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "", "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL or a host",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": 7, "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL or a host",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "maa host", "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL or a host",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "/just/a/path", "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL or a host",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "maa?x=1", "allOf": [{"claim": "a", "equals": 1}]}],
+            },
+            "https:// issuer URL or a host",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [
+                    {
+                        "authority": MAA,
+                        "allOf": [{"claim": "a", "equals": 1}],
+                        "anyOf": [{"claim": "a", "equals": 1}],
+                    }
+                ],
+            },
+            "exactly one of anyOf or allOf",
+        ),
+        ({"version": "1.0.0", "anyOf": [{"authority": MAA}]}, "exactly one of anyOf or allOf"),
+        (_single({"claim": "a", "equals": {"nested": 1}}), "not dict"),
+        (_single({"claim": "a", "equals": [1]}), "not list"),
+        (_single({"claim": "a", "equals": None}), "not NoneType"),
+        (_single({"claim": "a", "contains": "x"}), "unknown key(s) ['contains']"),
+        (_single({"claim": "a", "equals": 1, "notEquals": 2}), "exactly one operator"),
+        (_single({"claim": "a"}), "exactly one operator"),
+        (_single({"equals": 1}), "needs 'claim'"),
+        (_single({"claim": "a..b", "equals": 1}), "dotted claim name"),
+        (_single({"claim": "a", "condition": "matches", "value": "x"}), "unknown operator"),
+        (_single({"claim": "a", "condition": "equals"}), "exactly those two keys"),
+        (_single({"claim": "a", "exists": "yes"}), "exists: expected true or false"),
+        (_single({"anyOf": []}), "non-empty array of conditions"),
+        (_single({"anyOf": [{"claim": "a", "equals": 1}], "claim": "b"}), "stands alone"),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": MAA, "allOf": [{"claim": "a", "equals": 1}], "AllOf": []}],
+            },
+            "appears twice",
+        ),
+    ],
+)
 def test_malformed_policies_are_refused_with_the_place(doc: Any, message: str) -> None:
     with pytest.raises(PolicyError) as info:
         parse(doc if isinstance(doc, bytes) else json.dumps(doc))
@@ -233,13 +363,32 @@ def test_parse_keeps_the_structure(tree: dict[str, Any]) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(junk=st.recursive(
-    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6)),
-    lambda inner: st.one_of(st.lists(inner, max_size=3),
-                            st.dictionaries(st.sampled_from(
-                                ["version", "anyOf", "allOf", "authority", "claim", "equals",
-                                 "condition", "value", "x"]), inner, max_size=4)),
-    max_leaves=12))
+@given(
+    junk=st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=6)),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "version",
+                        "anyOf",
+                        "allOf",
+                        "authority",
+                        "claim",
+                        "equals",
+                        "condition",
+                        "value",
+                        "x",
+                    ]
+                ),
+                inner,
+                max_size=4,
+            ),
+        ),
+        max_leaves=12,
+    )
+)
 def test_arbitrary_json_either_parses_or_raises_policy_error(junk: Any) -> None:
     try:
         parse(json.dumps(junk))

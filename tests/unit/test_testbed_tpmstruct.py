@@ -29,7 +29,25 @@ def test_tpm_name_matches_independent_encoder(base_forge: GuestForge) -> None:
 def test_policy_pcr_digest_matches_independent_computation(base_forge: GuestForge) -> None:
     pcrs = base_forge.pcrs
     assert tpmstruct.policy_pcr_digest(tpmstruct.Alg.SHA256, tuple(pcrs), list(pcrs.values())) == (
-        base_forge.enc_public().publicArea.authPolicy.buffer)
+        base_forge.enc_public().publicArea.authPolicy.buffer
+    )
+
+
+def test_public_prefix_takes_the_leading_tpm2b_public(base_forge: GuestForge) -> None:
+    pub = base_forge.ak_public()
+    marshalled = bytes(pub.marshal())
+    name = bytes(pub.get_name().marshal())
+    # A whole TPM2_ReadPublic response: outPublic, name, qualifiedName.
+    parsed, used = tpmstruct.parse_public_prefix(marshalled + name + name)
+    assert used == len(marshalled)
+    assert parsed == tpmstruct.parse_public(marshalled)
+    assert parsed.name == tpm_name(pub)
+    with pytest.raises(tpmstruct.TpmFormatError, match=f"{len(name) * 2} trailing bytes"):
+        tpmstruct.parse_public(marshalled + name + name)
+    with pytest.raises(tpmstruct.TpmFormatError, match="empty"):
+        tpmstruct.parse_public_prefix(b"\x00\x00" + marshalled)
+    with pytest.raises(tpmstruct.TpmFormatError, match="truncated"):
+        tpmstruct.parse_public_prefix(marshalled[:-1])
 
 
 def test_attest_rejects_trailing_bytes(base_forge: GuestForge) -> None:
@@ -40,7 +58,12 @@ def test_attest_rejects_trailing_bytes(base_forge: GuestForge) -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_parsers_fail_only_with_format_errors(data: bytes) -> None:
-    for parse in (tpmstruct.parse_attest, tpmstruct.parse_public, tpmstruct.parse_signature):
+    for parse in (
+        tpmstruct.parse_attest,
+        tpmstruct.parse_public,
+        tpmstruct.parse_signature,
+        tpmstruct.parse_public_prefix,
+    ):
         try:
             parse(data)
         except tpmstruct.TpmFormatError:
@@ -49,8 +72,9 @@ def test_parsers_fail_only_with_format_errors(data: bytes) -> None:
 
 @settings(max_examples=100, deadline=None)
 @given(st.integers(min_value=0, max_value=300), st.integers(min_value=0, max_value=255))
-def test_corrupted_quote_parses_or_fails_cleanly(base_forge: GuestForge, offset: int,
-                                                 value: int) -> None:
+def test_corrupted_quote_parses_or_fails_cleanly(
+    base_forge: GuestForge, offset: int, value: int
+) -> None:
     quote = bytearray(base_forge.quote())
     quote[offset % len(quote)] = value
     try:
@@ -67,7 +91,10 @@ def test_quote_fields_read_back(base_forge: GuestForge) -> None:
     assert attest.quote is not None
     (selection,) = attest.quote.selections
     assert (selection.hash_alg, selection.size_of_select, selection.pcrs) == (
-        tpmstruct.Alg.SHA256, 3, tuple(range(8)))
+        tpmstruct.Alg.SHA256,
+        3,
+        tuple(range(8)),
+    )
 
 
 def test_certify_names_the_key(base_forge: GuestForge) -> None:
