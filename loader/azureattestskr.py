@@ -6,20 +6,26 @@ unwraps the DEK itself, and we only run it::
     AzureAttestSKR -a <MAA URL> -k <KEK id> -c imds -s <base64(wrapped DEK)> -u
 
 The key id is the one confinfer.keyvault.choose_key picked from the configuration (the package
-may only select among configured keys), the MAA URL is ``maa_url``. What the real tool prints,
-and how it is read back (:func:`parse_output`): the unwrapped key as raw bytes with its trailing
-zero bytes stripped (it handles the key as a C string) and a newline. So exactly one trailing
-newline is removed and the key is right-padded with zeros to 32 bytes; base64 output (other
-builds) is accepted too. The tool writes ``curl-ca-bundle.crt`` into its working directory, so
-it runs in a private temporary one. Its trace (``SKR_TRACE_ON``) goes to standard output, where
-it would corrupt the key, so that variable is removed from the tool's environment.
+may only select among configured keys); the MAA URL is ``maa_url``.
 
-What of the configuration reaches the tool: ``maa_url`` and the key (flags). The tool has no
-flag or variable for the vTPM, IMDS or a CA bundle: it always talks to ``/dev/tpmrm0`` and
-``169.254.169.254`` and uses its own CA bundle, so ``tpm_tcti``, ``imds_url``, ``ca_bundle``
-and ``keyvault_release_ca_bundle`` do not apply to it (a warning says so when they are set).
-The tool does not verify Key Vault's signature on the release; the native backend does, so
-prefer that one where it can run.
+How the real tool behaves, and what we do about it (facts in docs/testbed.md §4.6):
+
+- In ``-u`` mode it prints the unwrapped key raw, its trailing zero bytes stripped (it trims
+  ``\0`` at the end of the decoded key), then a newline. :func:`parse_output` removes exactly one
+  trailing newline and pads the key back to 32 bytes with zeros; base64 output (other builds)
+  is read too. Without this, about one DEK in 256 (those ending in 0x00) would come back wrong.
+- With ``SKR_TRACE_ON`` set it prints ``Tracing is enabled`` and its attestation library's log
+  on standard output, before the key, which would corrupt it: the variable is removed from the
+  tool's environment (run the tool by hand for a trace).
+- It makes ``curl-ca-bundle.crt`` in its working directory: it runs in a private temporary one.
+
+What of the configuration reaches the tool: ``maa_url`` and the key (flags), and
+``managed_identity_client_id`` as ``IMDS_CLIENT_ID``, the variable the tool reads to pick a
+managed identity. Nothing else can: the tool has the IMDS address, the vTPM (``/dev/tpmrm0``)
+and the system CA bundle fixed in its code, so ``tpm_tcti``, ``imds_url``, ``ca_bundle`` and
+``keyvault_release_ca_bundle`` do not apply to it (a warning says so when they are set). The
+tool does not verify Key Vault's signature on the release; the native backend does, so prefer
+that one where it can run.
 
 A failure reports the command (the wrapped DEK shown by size only), the exit status and the
 tail of the tool's standard error. Its standard output is never echoed: it may hold the key.
@@ -31,6 +37,7 @@ import base64
 import binascii
 import logging
 import os
+import re
 import shlex
 import subprocess
 import tempfile
@@ -45,6 +52,8 @@ LOG = logging.getLogger(__name__)
 DEK_BYTES = 32
 # The tool writes its trace to standard output when this is set: never pass it on.
 TRACE_VARIABLES = frozenset({"SKR_TRACE_ON"})
+# The variable the tool reads to pick one of several managed identities.
+CLIENT_ID_VARIABLE = "IMDS_CLIENT_ID"
 STDERR_TAIL_CHARS = 2000
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -97,8 +106,18 @@ def parse_output(stdout: bytes) -> bytearray:
     )
 
 
+# The tool's trace on stderr carries its access token and MAA token; neither may reach a log.
+_CREDENTIALS = re.compile(
+    r"(?i)\b(bearer\s+)\S+|\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*"
+)
+
+
+def _redacted(match: re.Match[str]) -> str:
+    return f"{match.group(1) or ''}<redacted>"
+
+
 def _tail(data: bytes) -> str:
-    text = data.decode("utf-8", errors="replace").strip()
+    text = _CREDENTIALS.sub(_redacted, data.decode("utf-8", errors="replace")).strip()
     if len(text) > STDERR_TAIL_CHARS:
         text = "..." + text[-STDERR_TAIL_CHARS:]
     return text or "(no output on stderr)"
@@ -143,6 +162,8 @@ def unwrap_dek(
                     ", ".join(unused))
     tool_env = {k: v for k, v in (os.environ if env is None else env).items()
                 if k not in TRACE_VARIABLES}
+    if cfg.managed_identity_client_id:
+        tool_env[CLIENT_ID_VARIABLE] = cfg.managed_identity_client_id
     try:
         # The tool writes curl-ca-bundle.crt into its working directory: give it its own.
         with tempfile.TemporaryDirectory(prefix="azureattestskr-") as workdir:
