@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 from pathlib import Path
@@ -172,7 +173,7 @@ def unseal_command(args: argparse.Namespace) -> int:
         raise UsageError(f"{pkg_dir} is not a directory", reason=Reason.PACKAGE_UNREADABLE)
     # Check the key source before touching the destination.
     unwrapper = make_unwrapper(args, cfg)
-    sealed = (pkg_dir / fmt.PACKAGE_FILE).exists()
+    sealed = os.path.lexists(pkg_dir / fmt.PACKAGE_FILE)
     with Progress("unseal") as progress:
         if sealed:
             from loader.unseal import unseal_package
@@ -225,7 +226,7 @@ def inspect_command(args: argparse.Namespace) -> int:
     from loader import format as fmt
 
     pkg_dir: Path = args.pkg_dir
-    if (pkg_dir / fmt.PACKAGE_FILE).exists() or not pkg_dir.is_dir():
+    if os.path.lexists(pkg_dir / fmt.PACKAGE_FILE) or not pkg_dir.is_dir():
         from loader.unseal import inspect_package
 
         info = inspect_package(pkg_dir)

@@ -116,4 +116,3 @@ class Progress(Closable):
                 self._stream.flush()
             except (OSError, ValueError):
                 pass
-

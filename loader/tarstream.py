@@ -25,19 +25,25 @@ their ``reason``:
   block) and ``archive-truncated`` (the data ended before the end-of-archive marker);
 - ``NoSpaceError`` when the file system is full, ``dest-write`` for other write failures.
 
+Numbers are read strictly: header fields as ASCII octal (NUL- or space-terminated, as ustar and
+GNU write them) or GNU base-256; pax lengths and sizes as at most 20 ASCII decimal digits. No
+other digit (``²``, ``٣``), sign, underscore or inner space is a number here. Whatever the bytes,
+only these ``ConfinferError`` subclasses leave :meth:`TarExtractor.feed`.
+
 The size cap itself is the destination's: its ``open_file(rel, mode, size=)`` charges the size
 from the header before any byte of the entry is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import struct
 from pathlib import PurePosixPath
 
-from confinfer.errors import ConfinferError, FormatError, Reason, UnsafeArchiveError
-from loader.dest import WRITE_SLICE, Destination, no_space_error, safe_relpath
+from confinfer.errors import FormatError, Reason, UnsafeArchiveError
+from loader.dest import WRITE_SLICE, Destination, safe_relpath
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
@@ -46,6 +52,10 @@ _GNU_MAGIC = b"ustar  \x00"
 # A pax or GNU long-name record this large is not a path; refuse rather than buffer it.
 MAX_META_BYTES = 1 << 20
 MAX_ENTRIES = 100_000
+# Decimal digits of a pax length or size: 10**20 is beyond any file (and any 64-bit size).
+MAX_DECIMAL_DIGITS = 20
+_OCTAL_DIGITS = b"01234567"
+_DECIMAL_DIGITS = b"0123456789"
 
 _REGULAR = (b"0", b"\x00")
 _DIRECTORY = b"5"
@@ -75,10 +85,18 @@ class _State(enum.Enum):
     END = enum.auto()
 
 
-class _Kind(enum.Enum):
-    FILE = enum.auto()
-    DIR = enum.auto()
-    IMPLICIT_DIR = enum.auto()
+class _Dir:
+    """A directory of the archive as written so far: what each name in it is (a :class:`_Dir`,
+    or None for a file), and whether the archive listed it (or only paths below it)."""
+
+    __slots__ = ("children", "listed")
+
+    def __init__(self, *, listed: bool) -> None:
+        self.children: dict[str, _Dir | None] = {}
+        self.listed = listed
+
+
+_ABSENT = object()
 
 
 def _shown(name: str) -> str:
@@ -92,17 +110,27 @@ def _malformed(why: str) -> FormatError:
 
 
 def parse_number(field: bytes, what: str) -> int:
-    """A header number: NUL/space-terminated octal, or GNU base-256 (high bit set)."""
+    """A header number: ASCII octal, space-padded and NUL/space-terminated, or GNU base-256
+    (first byte 0x80, the rest big-endian; 0xFF marks a negative number, refused)."""
     if field and field[0] & 0x80:
-        if field[0] != 0x80:
+        if field[0] == 0xFF:
             raise _malformed(f"negative {what}")
+        if field[0] != 0x80:
+            raise _malformed(f"{what} field is not a number")
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\x00", 1)[0].strip(b" ")
     if not text:
         return 0
-    if text.strip(b"01234567"):
+    if text.strip(_OCTAL_DIGITS):
         raise _malformed(f"{what} field is not an octal number")
-    return int(text, 8)
+    return int(text.decode("ascii"), 8)
+
+
+def _decimal(text: bytes, what: str) -> int:
+    """At most :data:`MAX_DECIMAL_DIGITS` ASCII decimal digits, nothing else."""
+    if not 0 < len(text) <= MAX_DECIMAL_DIGITS or text.strip(_DECIMAL_DIGITS):
+        raise _malformed(f"{what} is not a decimal number")
+    return int(text.decode("ascii"))
 
 
 def verify_checksum(block: bytes) -> None:
@@ -136,11 +164,9 @@ def parse_pax(data: bytes) -> dict[str, str]:
             if data[pos:].strip(b"\x00"):
                 raise _malformed("pax header has data after NUL padding")
             break
-        space = data.find(b" ", pos, min(end, pos + 20))
+        space = data.find(b" ", pos, min(end, pos + MAX_DECIMAL_DIGITS + 1))
         digits = data[pos:space] if space > pos else b""
-        if not digits or not digits.isdigit():
-            raise _malformed("pax record without a length")
-        length = int(digits)
+        length = _decimal(digits, "pax record length")
         stop = pos + length
         if length <= len(digits) + 1 or stop > end or data[stop - 1] != 0x0A:
             raise _malformed("pax record length does not match its data")
@@ -170,12 +196,13 @@ class TarExtractor:
         self._remaining = 0  # payload bytes left in FILE / META, or bytes to skip in SKIP
         self._pad = 0  # padding to skip after the current payload
         self._fd = -1
-        self._name = ""
         self._meta = bytearray()
         self._meta_type = b""
         self._pending_pax: dict[str, str] = {}
         self._pending_name: str | None = None
-        self._entries: dict[PurePosixPath, _Kind] = {}
+        self._tree = _Dir(listed=True)  # what the archive put where, for path checks
+        self._recorded = 0  # paths in the tree (entries and the parents they implied)
+        self._last_parent: tuple[tuple[str, ...], _Dir] = ((), self._tree)
         self.files = 0
         self.directories = 0
         self.payload_bytes = 0
@@ -236,7 +263,8 @@ class TarExtractor:
         """Release the file being written, if any (the caller wipes the destination)."""
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            os.close(fd)
+            with contextlib.suppress(OSError):  # it is wiped anyway; keep the first error
+                os.close(fd)
 
     @property
     def finished(self) -> bool:
@@ -288,9 +316,7 @@ class TarExtractor:
         if pax.get("path"):
             name = pax["path"]
         if "size" in pax:
-            if not pax["size"].isdigit():
-                raise _malformed("pax size is not a decimal number")
-            size = int(pax["size"])
+            size = _decimal(pax["size"].encode("utf-8", "surrogateescape"), "pax size")
         if any(key.startswith("GNU.sparse.") for key in pax):
             typeflag = b"S"
         mode = parse_number(block[100:108], "mode")
@@ -341,49 +367,62 @@ class TarExtractor:
 
     # -- entries ------------------------------------------------------------------------------
 
-    def _place(self, name: str, kind: _Kind) -> PurePosixPath | None:
-        """Check an entry's path against what was written; create missing parents."""
-        if kind is _Kind.DIR and name.startswith(".") and set(name.split("/")) <= {"", "."}:
+    def _place(self, name: str, *, directory: bool) -> PurePosixPath | None:
+        """Check an entry's path against what was written; record it and missing parents."""
+        if directory and name.startswith(".") and set(name.split("/")) <= {"", "."}:
             return None  # "." or "./" (what "tar -C dir ." writes first): the destination
         rel = safe_relpath(name)
-        if len(self._entries) >= self._max_entries:
+        if self._recorded >= self._max_entries:
             raise UnsafeArchiveError(
                 f"the archive has more than {self._max_entries} entries",
                 reason=Reason.ARCHIVE_TOO_MANY_ENTRIES,
             )
-        # Missing parents are created by the destination (0755); they are only recorded here.
-        for parent in reversed(rel.parents[:-1]):
-            seen = self._entries.get(parent)
-            if seen is _Kind.FILE:
-                raise UnsafeArchiveError(
-                    f"entry {_shown(name)} lies below the file {_shown(str(parent))}",
-                    reason=Reason.PATH_THROUGH_FILE,
-                )
-            if seen is None:
-                self._entries[parent] = _Kind.IMPLICIT_DIR
-        seen = self._entries.get(rel)
-        if seen is not None:
-            if seen is _Kind.IMPLICIT_DIR and kind is _Kind.DIR:
+        parent = self._parent(rel.parts[:-1], name)
+        seen = parent.children.get(rel.name, _ABSENT)
+        if seen is not _ABSENT:
+            if directory and isinstance(seen, _Dir) and not seen.listed:
                 # A directory's own entry after its content: it now gets its mode.
-                self._entries[rel] = _Kind.DIR
+                seen.listed = True
                 return rel
             raise UnsafeArchiveError(
                 f"entry {_shown(name)} appears twice in the archive", reason=Reason.DUPLICATE_ENTRY
             )
-        self._entries[rel] = kind
+        parent.children[rel.name] = _Dir(listed=True) if directory else None
+        self._recorded += 1
         return rel
 
+    def _parent(self, parts: tuple[str, ...], name: str) -> _Dir:
+        """The directory ``parts`` in the tree, recorded as implied where missing (the
+        destination creates it, 0755); refused below a file. One walk per directory change:
+        the work is linear in the archive, however deep its paths."""
+        last_parts, last = self._last_parent
+        if parts == last_parts:
+            return last
+        node = self._tree
+        for depth, part in enumerate(parts, 1):
+            child = node.children.get(part, _ABSENT)
+            if child is None:
+                raise UnsafeArchiveError(
+                    f"entry {_shown(name)} lies below the file {_shown('/'.join(parts[:depth]))}",
+                    reason=Reason.PATH_THROUGH_FILE,
+                )
+            if not isinstance(child, _Dir):
+                child = node.children[part] = _Dir(listed=False)
+                self._recorded += 1
+            node = child
+        self._last_parent = (parts, node)
+        return node
+
     def _directory(self, name: str, mode: int) -> None:
-        rel = self._place(name, _Kind.DIR)
+        rel = self._place(name, directory=True)
         if rel is not None:
             self._sink.mkdir(rel, mode)
             self.directories += 1
 
     def _regular(self, name: str, size: int, mode: int) -> None:
-        rel = self._place(name, _Kind.FILE)
+        rel = self._place(name, directory=False)
         if rel is None:  # pragma: no cover - files never map to the root
             raise _malformed("a file entry names the destination itself")
-        self._name = name
         self._fd = self._sink.open_file(rel, mode, size=size)
         self.files += 1
         self._pad = -size % BLOCK
@@ -399,7 +438,7 @@ class TarExtractor:
             try:
                 written = os.write(self._fd, chunk[:WRITE_SLICE])
             except OSError as exc:
-                raise _write_error(exc, self._name) from exc
+                raise self._sink.write_error(exc) from exc
             chunk = chunk[written:]
             self.payload_bytes += written
 
@@ -408,13 +447,4 @@ class TarExtractor:
         try:
             os.close(fd)
         except OSError as exc:
-            raise _write_error(exc, self._name) from exc
-
-
-def _write_error(exc: OSError, name: str) -> ConfinferError:
-    full = no_space_error(exc)
-    if full is not None:
-        return full
-    return ConfinferError(
-        f"cannot write {_shown(name)}: {exc.strerror}", reason=Reason.DEST_WRITE
-    )
+            raise self._sink.write_error(exc) from exc

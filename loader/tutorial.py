@@ -15,6 +15,10 @@ and any failure wipes it.
 When the tar content is refused, the rest of the archive is still decrypted (nothing more is
 written) so that the failure is reported for what it is: a bad tag (tampering, a wrong key) as
 ``integrity``, and only an authentic archive's hostile content as the tar reader's reason.
+
+Both files must be regular files; they are opened without following a symbolic link and without
+blocking (:func:`loader.unseal.open_package_file`), so a FIFO or a device in their place is
+refused (``package-unreadable``) rather than waited on or read forever.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from loader import signals
 from loader.aead import OUT_SLACK, GcmStreamDecryptor
 from loader.dest import Destination
 from loader.tarstream import TarExtractor
+from loader.unseal import not_regular, open_package_file, read_error
 
 ARCHIVE_NAME = "model_archive.tar.enc"
 WRAPPED_DEK_NAME = "wrapped_model_dek.bin"
@@ -67,13 +72,21 @@ class TutorialPackage:
 
     def read_wrapped_dek(self) -> bytes:
         """The RSA-OAEP-256-wrapped DEK, exactly as the tutorial wrote it (raw bytes)."""
+        fd = open_package_file(self.wrapped_dek)
+        parts: list[bytes] = []
+        left = _MAX_WRAPPED_DEK + 1
         try:
-            with self.wrapped_dek.open("rb") as f:
-                blob = f.read(_MAX_WRAPPED_DEK + 1)
+            while left:
+                part = os.read(fd, left)
+                if not part:
+                    break
+                parts.append(part)
+                left -= len(part)
         except OSError as exc:
-            raise UsageError(
-                f"cannot read {self.wrapped_dek}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
-            ) from exc
+            raise read_error(self.wrapped_dek, exc) from exc
+        finally:
+            os.close(fd)
+        blob = b"".join(parts)
         if not blob or len(blob) > _MAX_WRAPPED_DEK:
             raise KeyUnwrapError(
                 f"{self.wrapped_dek} is {'empty' if not blob else 'too large'}; expected an "
@@ -84,11 +97,26 @@ class TutorialPackage:
 
 
 def detect(pkg_dir: Path) -> TutorialPackage | None:
-    """The tutorial layout in ``pkg_dir``, or None when it does not hold one."""
+    """The tutorial layout in ``pkg_dir``, or None when one of its two names is missing.
+
+    Names that are there but are not regular files (a symbolic link, a FIFO, a directory) are
+    refused here, ``package-unreadable``, before anything is opened or read.
+    """
     archive, wrapped = pkg_dir / ARCHIVE_NAME, pkg_dir / WRAPPED_DEK_NAME
-    if archive.is_file() and wrapped.is_file():
-        return TutorialPackage(archive=archive, wrapped_dek=wrapped)
-    return None
+    modes = []
+    for path in (archive, wrapped):
+        try:
+            modes.append(os.lstat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read {path}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
+            ) from None
+    for path, mode in zip((archive, wrapped), modes, strict=True):
+        if not stat.S_ISREG(mode):
+            raise not_regular(path, mode)
+    return TutorialPackage(archive=archive, wrapped_dek=wrapped)
 
 
 def unseal_tutorial(
@@ -123,31 +151,22 @@ def _extract(
     dek: bytearray,
     progress: Callable[[int], None] | None,
 ) -> None:
+    fd = open_package_file(archive)
     try:
-        f = archive.open("rb", buffering=0)
-    except OSError as exc:
-        raise UsageError(
-            f"cannot open {archive}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
-        ) from exc
-    with f:
-        fd = f.fileno()
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"{archive} is not a regular file", reason=Reason.PACKAGE_UNREADABLE)
-        size = info.st_size
+        size = os.fstat(fd).st_size
         if size < NONCE_LEN + TAG_LEN:
             raise IntegrityError(
                 f"{archive.name} is {size} bytes, shorter than its {NONCE_LEN}-byte nonce "
                 f"and {TAG_LEN}-byte tag",
                 reason=Reason.ARCHIVE_TOO_SHORT,
             )
-        nonce = _read_at(fd, NONCE_LEN, 0)
-        tag = _read_at(fd, TAG_LEN, size - TAG_LEN)
+        nonce = _read_at(archive, fd, NONCE_LEN, 0)
+        tag = _read_at(archive, fd, TAG_LEN, size - TAG_LEN)
         if progress is not None:
             progress(NONCE_LEN)
 
         extractor = TarExtractor(dest)
-        reader = _DecryptAhead(fd, NONCE_LEN, size - NONCE_LEN - TAG_LEN,
+        reader = _DecryptAhead(archive, fd, NONCE_LEN, size - NONCE_LEN - TAG_LEN,
                                GcmStreamDecryptor(dek, nonce), tag)  # fmt: skip
         refused: ConfinferError | None = None
         try:
@@ -175,6 +194,8 @@ def _extract(
             with signals.deferred():  # a second signal must not cut the clean-up short
                 extractor.abort()
                 reader.stop()
+    finally:
+        os.close(fd)
 
 
 class _DecryptAhead:
@@ -186,9 +207,15 @@ class _DecryptAhead:
     """
 
     def __init__(
-        self, fd: int, offset: int, length: int, decryptor: GcmStreamDecryptor, tag: bytes
+        self,
+        path: Path,
+        fd: int,
+        offset: int,
+        length: int,
+        decryptor: GcmStreamDecryptor,
+        tag: bytes,
     ) -> None:
-        self._fd, self._offset, self._length = fd, offset, length
+        self._path, self._fd, self._offset, self._length = path, fd, offset, length
         self._decryptor, self._tag = decryptor, tag
         self._buffers = [bytearray(CHUNK + OUT_SLACK) for _ in range(DEPTH)]
         self._free: queue.SimpleQueue[bytearray | None] = queue.SimpleQueue()
@@ -242,7 +269,10 @@ class _DecryptAhead:
                 buf = self._free.get()
                 if buf is None or self._stopping.is_set():
                     return
-                got = os.preadv(self._fd, [inview[: min(CHUNK, remaining)]], offset)
+                try:
+                    got = os.preadv(self._fd, [inview[: min(CHUNK, remaining)]], offset)
+                except OSError as exc:
+                    raise read_error(self._path, exc) from exc
                 if not got:
                     raise IntegrityError(
                         "the archive changed size while it was read", reason=Reason.ARCHIVE_CHANGED
@@ -260,8 +290,13 @@ class _DecryptAhead:
             inbuf[:] = bytes(len(inbuf))
 
 
-def _read_at(fd: int, length: int, offset: int) -> bytes:
-    data = os.pread(fd, length, offset)
+def _read_at(path: Path, fd: int, length: int, offset: int) -> bytes:
+    try:
+        data = os.pread(fd, length, offset)
+    except OSError as exc:
+        raise read_error(path, exc) from exc
     if len(data) != length:
-        raise IntegrityError("the archive changed size while it was read", reason=Reason.ARCHIVE_CHANGED)
+        raise IntegrityError(
+            "the archive changed size while it was read", reason=Reason.ARCHIVE_CHANGED
+        )
     return data

@@ -13,10 +13,17 @@ Order of checks in :func:`unseal_package`, each before anything is written:
 Then chunks are decrypted in parallel; each is authenticated (``chunk-integrity``) before its
 plaintext is written. Any failure leaves the destination wiped (the caller's
 :class:`~loader.dest.Destination` context does it).
+
+Package files (``model.sealed``, and the tutorial layout's two files) are opened by
+:func:`open_package_file` only: never through a symbolic link, never blocking (a FIFO planted in
+the package directory is refused, not waited on), and only if they are regular files
+(``package-unreadable``). An I/O error while reading one is ``package-read``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import stat
@@ -25,13 +32,64 @@ from pathlib import Path
 from typing import Any
 
 from confinfer.closable import Closable
-from confinfer.errors import IntegrityError, KeyUnwrapError, Reason, UsageError
+from confinfer.errors import ConfinferError, IntegrityError, KeyUnwrapError, Reason, UsageError
 from loader import format as fmt
 from loader.aead import ChunkCipher, derive_chunk_key, verify_header_tag
 from loader.dest import Destination
 from loader.keywrap import DekUnwrapper, key_ids_match, zero
 from loader.progress import Progress
 from loader.workers import OpenFiles, pwrite_all, run_chunks
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFLNK: "a symbolic link",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def not_regular(path: Path, mode: int) -> UsageError:
+    """The refusal of package file ``path``, of file type ``mode``, as not a regular file."""
+    kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return UsageError(
+        f"{path} is {kind}; a package file must be a regular file",
+        reason=Reason.PACKAGE_UNREADABLE,
+        hint="copy the package files themselves (cp -L), not links or special files",
+    )
+
+
+def open_package_file(path: Path) -> int:
+    """A read descriptor of the regular file ``path``, or UsageError (``package-unreadable``).
+
+    The last component is never followed if it is a symbolic link, the open never blocks (a
+    FIFO, a device) and nothing but a regular file is kept open; the descriptor is returned in
+    blocking mode.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        why = exc.strerror or os.strerror(exc.errno or 0)
+        if exc.errno == errno.ELOOP:
+            why = "it is a symbolic link (not followed)"
+        raise UsageError(f"cannot open {path}: {why}", reason=Reason.PACKAGE_UNREADABLE) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise not_regular(path, info.st_mode)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_error(path: Path, exc: OSError) -> ConfinferError:
+    """The one-line error for an I/O error while reading package file ``path``."""
+    why = exc.strerror or os.strerror(exc.errno or 0)
+    return ConfinferError(f"cannot read {path}: {why}", reason=Reason.PACKAGE_READ)
 
 
 @dataclass
@@ -48,19 +106,15 @@ class SealedPackage(Closable):
     @classmethod
     def open(cls, pkg_dir: Path) -> SealedPackage:
         path = pkg_dir / fmt.PACKAGE_FILE
+        fd = open_package_file(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise UsageError(
-                f"cannot open {path}: {exc.strerror}", reason=Reason.PACKAGE_UNREADABLE
-            ) from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise UsageError(f"{path} is not a regular file", reason=Reason.PACKAGE_UNREADABLE)
-            size = info.st_size
-            header_len = fmt.read_prefix(os.pread(fd, fmt.PREFIX_LEN, 0), size)
-            rest = os.pread(fd, header_len + fmt.TAG_LEN, fmt.PREFIX_LEN)
+            size = os.fstat(fd).st_size
+            try:
+                prefix = os.pread(fd, fmt.PREFIX_LEN, 0)
+                header_len = fmt.read_prefix(prefix, size)
+                rest = os.pread(fd, header_len + fmt.TAG_LEN, fmt.PREFIX_LEN)
+            except OSError as exc:
+                raise read_error(path, exc) from exc
             if len(rest) != header_len + fmt.TAG_LEN:
                 raise IntegrityError("the package is truncated", reason=Reason.TRUNCATED)
             header_bytes, tag = rest[:header_len], rest[header_len:]
@@ -68,7 +122,8 @@ class SealedPackage(Closable):
         except BaseException:
             os.close(fd)
             raise
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with contextlib.suppress(OSError):  # advice only
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         return cls(path, fd, size, header_bytes, tag, header)
 
     def layout(self) -> fmt.Layout:
@@ -154,20 +209,26 @@ def _extract(
     def work(index: int, inbuf: memoryview, outbuf: memoryview) -> None:
         ref = layout.chunk(index)
         record = ref.length + fmt.TAG_LEN
-        if os.preadv(pkg.fd, [inbuf[:record]], ref.package_offset) != record:
+        try:
+            got = os.preadv(pkg.fd, [inbuf[:record]], ref.package_offset)
+        except OSError as exc:
+            raise read_error(pkg.path, exc) from exc
+        if got != record:
             raise IntegrityError("the package is truncated", reason=Reason.TRUNCATED)
         n = cipher.open_into(
             index, ref.final, inbuf[: ref.length], inbuf[ref.length : record], outbuf
         )
         if ref.file >= 0:
             fd = targets.acquire(ref.file)
-            pwrite_all(fd, [outbuf[:n]], ref.file_offset)
-            targets.release(ref.file)
+            try:
+                pwrite_all(fd, [outbuf[:n]], ref.file_offset)
+                targets.release(ref.file)  # closes the file after its last chunk
+            except OSError as exc:
+                raise dest.write_error(exc) from exc
         if progress is not None:
             progress.advance(ref.length)
 
     try:
-        run_chunks(layout.count, work, buffer_size=layout.chunk_size + fmt.TAG_LEN,
-                   workers=workers)
+        run_chunks(layout.count, work, buffer_size=layout.chunk_size + fmt.TAG_LEN, workers=workers)
     finally:
         targets.close_all()

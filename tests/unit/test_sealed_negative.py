@@ -1,9 +1,13 @@
 """Every way a sealed package can be damaged or hostile is refused, with its reason, and the
-destination is left without any plaintext (absent, since the destination created it)."""
+destination is left without any plaintext (absent, since the destination created it): damaged
+bytes, hostile manifests (also deeper than Python's recursion limit), a package file that is not
+a regular file, and I/O errors on either side."""
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +22,7 @@ from loader import format as fmt
 from loader.dest import Destination
 from loader.keywrap import PemUnwrapper, PemWrapper
 from loader.seal import scan, seal_model, write_package
-from loader.unseal import inspect_package, unseal_package
+from loader.unseal import inspect_package, open_package_file, unseal_package
 from tests import sealedref
 
 pytestmark = pytest.mark.unit
@@ -64,15 +68,26 @@ def package(tmp_path_factory: pytest.TempPathFactory) -> Package:
     return pkg
 
 
-def attempt(base: Path, data: bytes, *, kek_n: int = 0, max_bytes: int | None = None,
-            expected_key_id: str | None = None) -> ConfinferError:
+def attempt(
+    base: Path,
+    data: bytes,
+    *,
+    kek_n: int = 0,
+    max_bytes: int | None = None,
+    expected_key_id: str | None = None,
+) -> ConfinferError:
     """Unseal ``data``; return the error after checking that no plaintext was left."""
     pkg = sealedref.install(data, base / "pkg")
     dest = base / "dest"
     try:
         with Destination(dest, max_bytes=max_bytes) as d:
-            unseal_package(pkg, d, PemUnwrapper(sealedref.kek(kek_n)),
-                           expected_key_id=expected_key_id, workers=2)
+            unseal_package(
+                pkg,
+                d,
+                PemUnwrapper(sealedref.kek(kek_n)),
+                expected_key_id=expected_key_id,
+                workers=2,
+            )
     except ConfinferError as exc:
         assert not dest.exists()
         return exc
@@ -101,12 +116,27 @@ def test_flipped_magic(package: Package, tmp_path: Path) -> None:
     assert attempt(tmp_path, flip(package.data, 7)).reason == "unsupported-format"
 
 
+def length_flip_reason(pkg: Package, data: bytes) -> str:
+    """What a changed header length must be refused as."""
+    new_len = int.from_bytes(data[8:12], "big")
+    if not 0 < new_len <= fmt.MAX_HEADER_LEN:
+        return "header-invalid"
+    if 12 + new_len + 16 > len(data):
+        return "truncated"
+    # A longer header that only takes in JSON whitespace (the first bytes of the random tag
+    # can be) still parses: then the header tag refuses it.
+    extra = data[12 + pkg.header_len : 12 + new_len]
+    if new_len > pkg.header_len and not extra.strip(b" \t\r\n"):
+        return "header-integrity"
+    return "header-invalid"
+
+
 @pytest.mark.parametrize("pos", [8, 9, 10, 11])
 def test_flipped_header_length(package: Package, tmp_path: Path, pos: int) -> None:
     for bit in (0, 7):
-        err = attempt(tmp_path, flip(package.data, pos, bit))
-        assert err.reason in ("header-invalid", "truncated"), (pos, bit, err.reason)
-    assert attempt(tmp_path, flip(package.data, 11, 0)).reason == "header-invalid"
+        data = flip(package.data, pos, bit)
+        err = attempt(tmp_path, data)
+        assert err.reason == length_flip_reason(package, data), (pos, bit, err.reason)
     assert attempt(tmp_path, flip(package.data, 8, 7)).reason == "header-invalid"
 
 
@@ -137,12 +167,15 @@ def test_flipped_header_tag(package: Package, tmp_path: Path, offset: int) -> No
 
 
 @pytest.mark.parametrize("record", range(len(RECORDS)))
-@pytest.mark.parametrize("where", ["ciphertext-first", "ciphertext-last", "tag-first",
-                                   "tag-last"])
+@pytest.mark.parametrize("where", ["ciphertext-first", "ciphertext-last", "tag-first", "tag-last"])
 def test_flipped_chunk(package: Package, tmp_path: Path, record: int, where: str) -> None:
     start, end = package.record(record)
-    pos = {"ciphertext-first": start, "ciphertext-last": end - 17, "tag-first": end - 16,
-           "tag-last": end - 1}[where]
+    pos = {
+        "ciphertext-first": start,
+        "ciphertext-last": end - 17,
+        "tag-first": end - 16,
+        "tag-last": end - 1,
+    }[where]
     assert attempt(tmp_path, flip(package.data, pos, 5)).reason == "chunk-integrity"
 
 
@@ -152,16 +185,33 @@ def test_any_flipped_bit_is_refused(package: Package, pos: int, bit: int) -> Non
     pos %= len(package.data)
     with tempfile.TemporaryDirectory() as tmp:
         err = attempt(Path(tmp), flip(package.data, pos, bit))
-    assert err.reason in {"bad-magic", "unsupported-format", "header-invalid", "truncated",
-                          "header-integrity", "chunk-integrity", "key-unwrap", "key-mismatch"}
+    assert err.reason in {
+        "bad-magic",
+        "unsupported-format",
+        "header-invalid",
+        "truncated",
+        "header-integrity",
+        "chunk-integrity",
+        "key-unwrap",
+        "key-mismatch",
+    }
 
 
 # -- truncation, trailing bytes, reordering ---------------------------------------------------
 
 
 def truncation_points(pkg: Package) -> list[int]:
-    points = [0, 4, 8, 11, 12, 12 + pkg.header_len // 2, 12 + pkg.header_len,
-              pkg.data_offset - 1, pkg.data_offset]
+    points = [
+        0,
+        4,
+        8,
+        11,
+        12,
+        12 + pkg.header_len // 2,
+        12 + pkg.header_len,
+        pkg.data_offset - 1,
+        pkg.data_offset,
+    ]
     for i in range(len(RECORDS)):
         start, end = pkg.record(i)
         points += [start, start + 1, (start + end) // 2, end - 16, end - 1]
@@ -215,8 +265,16 @@ def test_chunk_from_another_package_with_the_same_dek(
     blobs = []
     for n, salt in enumerate(salts):
         with Destination(tmp_path / f"p{n}") as out:
-            write_package(tree, out, dek=dek, wrapped_dek=wrapped.wrapped, key_id=wrapped.key_id,
-                          salt=salt, created=f"2026-01-0{n + 1}T00:00:00Z", chunk_size=CHUNK)
+            write_package(
+                tree,
+                out,
+                dek=dek,
+                wrapped_dek=wrapped.wrapped,
+                key_id=wrapped.key_id,
+                salt=salt,
+                created=f"2026-01-0{n + 1}T00:00:00Z",
+                chunk_size=CHUNK,
+            )
         blobs.append((tmp_path / f"p{n}/model.sealed").read_bytes())
     first, second = blobs
     for i in range(len(RECORDS)):
@@ -231,8 +289,9 @@ def test_chunk_from_another_package_with_the_same_dek(
 def test_wrong_key(package: Package, tmp_path: Path) -> None:
     assert attempt(tmp_path / "a", package.data, kek_n=1).reason == "key-mismatch"
     # A package naming a Key Vault key cannot be checked by id: the unwrap itself fails.
-    spec = sealedref.Spec(files=dict(FILES), directories=["d"],
-                          key_id="https://vault.example.net/keys/kek/1")
+    spec = sealedref.Spec(
+        files=dict(FILES), directories=["d"], key_id="https://vault.example.net/keys/kek/1"
+    )
     assert attempt(tmp_path / "b", sealedref.build(spec), kek_n=1).reason == "key-unwrap"
 
 
@@ -292,8 +351,9 @@ def hostile(files: list[tuple[str, int]], dirs: list[str], **change: Any) -> byt
         ([("", 3)], [], "header-invalid"),
     ],
 )
-def test_hostile_manifest(tmp_path: Path, files: list[tuple[str, int]], dirs: list[str],
-                          reason: str) -> None:
+def test_hostile_manifest(
+    tmp_path: Path, files: list[tuple[str, int]], dirs: list[str], reason: str
+) -> None:
     assert attempt(tmp_path, hostile(files, dirs)).reason == reason
     assert not (tmp_path / "evil").exists()
 
@@ -319,8 +379,9 @@ def test_huge_sizes_are_caught_by_the_length_check(tmp_path: Path) -> None:
 
 
 def test_special_modes_are_sanitised_not_trusted(tmp_path: Path) -> None:
-    spec = sealedref.Spec(files={"x": b"#!/bin/sh\n"}, directories=["d"],
-                          modes={"x": 0o6777, "d": 0o1777})
+    spec = sealedref.Spec(
+        files={"x": b"#!/bin/sh\n"}, directories=["d"], modes={"x": 0o6777, "d": 0o1777}
+    )
     pkg = sealedref.install(sealedref.build(spec), tmp_path / "pkg")
     with Destination(tmp_path / "dest") as d:
         unseal_package(pkg, d, PemUnwrapper(sealedref.kek()))
@@ -331,8 +392,7 @@ def test_special_modes_are_sanitised_not_trusted(tmp_path: Path) -> None:
 # -- inspect ------------------------------------------------------------------
 
 
-def test_inspect_finds_structural_damage_without_a_key(package: Package,
-                                                        tmp_path: Path) -> None:
+def test_inspect_finds_structural_damage_without_a_key(package: Package, tmp_path: Path) -> None:
     for name, data, reason in [
         ("cut", package.data[:-1], "truncated"),
         ("long", package.data + b"x", "trailing-data"),
@@ -346,3 +406,136 @@ def test_inspect_finds_structural_damage_without_a_key(package: Package,
         inspect_package(tmp_path / "missing")
     assert usage.value.reason == "package-unreadable"
     assert fmt.PACKAGE_FILE == "model.sealed"
+
+
+# -- a manifest deeper than Python's recursion limit --------------------------------------------
+
+
+def deep_package(depth: int, flip_chunk: bool) -> bytes:
+    dirs = ["/".join(["d"] * n) for n in range(1, depth + 1)]
+    spec = sealedref.Spec(
+        files={f"{dirs[-1]}/w": b"plaintext" * 20, "top": b"t"}, directories=dirs, chunk_size=CHUNK
+    )
+    data = sealedref.build(spec)
+    return flip(data, len(data) - 1) if flip_chunk else data
+
+
+def test_a_deep_tree_unseals(tmp_path: Path) -> None:
+    depth = 1300  # the 2 MiB header allows about 1400 levels of one-letter names
+    pkg = sealedref.install(deep_package(depth, flip_chunk=False), tmp_path / "pkg")
+    with Destination(tmp_path / "dest") as d:
+        unseal_package(pkg, d, PemUnwrapper(sealedref.kek()), workers=2)
+    fd = os.open(tmp_path / "dest", os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    try:
+        assert os.listdir(fd) == ["w"]
+    finally:
+        os.close(fd)
+    d.wipe()  # the committed tree goes too
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_deep_tree_then_a_bad_chunk_leaves_nothing(tmp_path: Path) -> None:
+    # The last chunk (of "top") fails after the deep directories and file were written.
+    err = attempt(tmp_path, deep_package(1300, flip_chunk=True))
+    assert err.reason == "chunk-integrity"
+
+
+# -- the package file must be a regular file, and opening it never blocks -----------------------
+
+
+def plant(pkg: Path, kind: str, real: bytes) -> None:
+    pkg.mkdir()
+    target = pkg / fmt.PACKAGE_FILE
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dev-zero":
+        target.symlink_to("/dev/zero")
+    elif kind == "symlink-to-package":
+        (pkg / "real.sealed").write_bytes(real)
+        target.symlink_to(pkg / "real.sealed")
+    elif kind == "directory":
+        target.mkdir()
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(target))
+
+
+KINDS = ["fifo", "dev-zero", "symlink-to-package", "directory", "socket"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", KINDS)
+def test_package_file_that_is_not_a_regular_file(
+    package: Package, tmp_path: Path, kind: str
+) -> None:
+    pkg = tmp_path / "p"
+    if kind == "socket" and len(str(pkg / fmt.PACKAGE_FILE)) > 100:
+        pytest.skip("the socket path is too long for AF_UNIX")
+    plant(pkg, kind, package.data)
+    with pytest.raises(UsageError) as info:
+        inspect_package(pkg)
+    assert info.value.reason == "package-unreadable"
+    dest = tmp_path / "dest"
+    with pytest.raises(UsageError) as info, Destination(dest) as d:
+        unseal_package(pkg, d, PemUnwrapper(sealedref.kek()))
+    assert info.value.reason == "package-unreadable"
+    assert "\n" not in info.value.one_line()
+    assert not dest.exists()
+
+
+def test_open_package_file_returns_a_blocking_descriptor(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    fd = open_package_file(path)
+    try:
+        assert os.get_blocking(fd)
+    finally:
+        os.close(fd)
+
+
+# -- I/O errors: reading the package, writing the destination -----------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS, errno.EACCES, errno.ENOENT])
+def test_write_errors_are_dest_write(
+    package: Package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def fail(*args: Any) -> int:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "pwritev", fail)
+    err = attempt(tmp_path, package.data)
+    assert err.reason == "dest-write"
+    assert err.message == f"cannot write to {tmp_path / 'dest'}: {os.strerror(code)}"
+
+
+def test_full_disk_while_writing_is_no_space(
+    package: Package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwritev", fail)
+    assert attempt(tmp_path, package.data).reason == "no-space"
+
+
+def test_read_errors_are_package_read(
+    package: Package, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", fail)
+    err = attempt(tmp_path, package.data)
+    assert err.reason == "package-read"
+    assert (
+        err.message
+        == f"cannot read {tmp_path / 'pkg' / fmt.PACKAGE_FILE}: {os.strerror(errno.EIO)}"
+    )
+    monkeypatch.setattr(os, "pread", fail)
+    err = attempt(tmp_path / "2", package.data)
+    assert err.reason == "package-read"

@@ -1,14 +1,18 @@
-"""The streaming tar reader: formats, chunking, refusals, modes."""
+"""The streaming tar reader: formats, chunking, refusals, modes, strict numbers, deep trees, and
+that no input makes anything but a ConfinferError escape."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
 import tarfile
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -396,6 +400,7 @@ def test_directory_with_payload(tmp_path: Path) -> None:
 
 # -- property: whatever tarfile writes comes back ----------------------------------------------
 
+
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -413,3 +418,273 @@ def test_property_roundtrip(
     root = tmp_path_factory.mktemp("prop") / "out"
     extract(build_tar(tree_entries(files), fmt), root, chunk=chunk)
     assert tree(root) == dict(sorted(files.items()))
+
+
+# -- numbers: ASCII digits only, bounded ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "\u00b2",  # SUPERSCRIPT TWO: str.isdigit() says yes, int() says no
+        "\u0661\u0662",  # ARABIC-INDIC DIGITS ONE, TWO: int() would read 12
+        "\uff11\uff12",  # FULLWIDTH DIGITS ONE, TWO
+        "1_000",
+        "+12",
+        "-1",
+        " 12",
+        "12 ",
+        "",
+        "1" * 21,  # past 20 digits
+        "0x10",
+        "1e3",
+        "\udcff",  # a byte that was not UTF-8
+    ],
+)
+def test_pax_size_must_be_ascii_decimal(tmp_path: Path, value: str) -> None:
+    raw = ("size=" + value).encode("utf-8", "surrogateescape")
+    record = pax_record(raw)
+    data = raw_header(b"P", size=len(record), typeflag=b"x") + padded(record) + raw_header(b"f")
+    err = refusal(data + END, tmp_path / "out")
+    assert err.reason == "archive-malformed"
+
+
+def pax_record(body: bytes) -> bytes:
+    """``"%d %s\\n"`` with the length counting itself."""
+    n = len(body) + 2
+    while len(b"%d %s\n" % (n, body)) != n:
+        n += 1
+    return b"%d %s\n" % (n, body)
+
+
+def test_pax_size_of_twenty_digits_is_read_and_capped(tmp_path: Path) -> None:
+    record = pax_record(b"size=" + b"9" * 20)
+    data = raw_header(b"P", size=len(record), typeflag=b"x") + padded(record) + raw_header(b"f")
+    assert refusal(data + END, tmp_path / "out").reason == "size-limit"
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        "\u0661\u0661 path=ab\n".encode(),  # an Arabic-Indic length
+        "\u00b2\u00b2 path=abcdefghijklm\n".encode(),  # superscripts
+        b"+11 path=a\n",
+        b"1_1 path=ab\n",
+        b"0" * 19 + b"1 x\n",  # 20 digits, but a length too small to hold them
+        b"1" * 21 + b" path=a\n",
+        b"99999999999999999999 path=a\n",  # 20 digits, past the data
+    ],
+)
+def test_pax_record_length_must_be_ascii_decimal(record: bytes) -> None:
+    with pytest.raises(ConfinferError) as info:
+        parse_pax(record)
+    assert info.value.reason == "archive-malformed"
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "\u0660\u0660\u0660\u0666\u0664\u0664\x00".encode(),  # Arabic-Indic 000644
+        "\u00b2".encode() + b"\x00",
+        b"0644\x00\x00\x00\x00"[:4] + b"8\x00\x00\x00",  # 8 is not octal
+        b"-0000644",
+        b"+0000644",
+        b"00_00644",
+        b"0 644\x00\x00\x00",  # a space inside
+        b"\x81" + bytes(7),  # high bit set, but not the base-256 marker
+        b"\xff" * 8,  # base-256 negative
+    ],
+)
+def test_header_numbers_must_be_octal_or_base256(field: bytes) -> None:
+    with pytest.raises(ConfinferError) as info:
+        parse_number(field, "mode")
+    assert info.value.reason == "archive-malformed"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (b"0000644\x00", 0o644),
+        (b"   644 \x00", 0o644),
+        (b"644\x00garbage", 0o644),  # after the terminator: ignored, as tar does
+        (b"\x00" * 8, 0),
+        (b" " * 8, 0),
+        (b"\x80" + (5).to_bytes(7, "big"), 5),
+    ],
+)
+def test_header_numbers_that_are_read(field: bytes, value: int) -> None:
+    assert parse_number(field, "mode") == value
+
+
+def with_checksum(block: bytearray) -> bytes:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\x00 " % sum(block)
+    return bytes(block)
+
+
+def fails_cleanly(data: bytes, chunk: int = 512) -> ConfinferError | None:
+    """Extract ``data``; the error if any. Anything but a ConfinferError fails the test, and
+    a refusal leaves the destination empty."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "out"
+        try:
+            extract(data, root, chunk=chunk, max_bytes=MiB)
+        except ConfinferError as exc:
+            assert not root.exists()
+            return exc
+    return None
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=700), chunk=st.integers(1, 1024))
+def test_property_any_pax_payload_fails_cleanly(payload: bytes, chunk: int) -> None:
+    data = raw_header(b"P", size=len(payload), typeflag=b"x") + padded(payload)
+    fails_cleanly(data + raw_header(b"f") + END, chunk)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(
+            st.one_of(st.binary(max_size=24), st.text(max_size=8).map(str.encode)),
+            st.sampled_from([b"size", b"path", b"mtime", b"GNU.sparse.size", b"linkpath"]),
+            st.one_of(st.binary(max_size=40), st.text(max_size=12).map(str.encode)),
+        ),
+        max_size=4,
+    )
+)
+def test_property_pax_records_with_any_lengths_and_values(
+    records: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    payload = b"".join(length + b" " + key + b"=" + value + b"\n" for length, key, value in records)
+    data = raw_header(b"P", size=len(payload), typeflag=b"x") + padded(payload)
+    fails_cleanly(data + raw_header(b"f") + END)
+    # The records alone, and well-formed lengths around any value.
+    try:
+        parse_pax(payload)
+    except ConfinferError:
+        pass
+    framed = b"".join(pax_record(key + b"=" + value) for _, key, value in records)
+    data = raw_header(b"P", size=len(framed), typeflag=b"x") + padded(framed)
+    fails_cleanly(data + raw_header(b"f") + padded(b"x" * 3) + END)
+
+
+NUMERIC_FIELDS = {"mode": (100, 108), "size": (124, 136), "checksum": (148, 156)}
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    field=st.sampled_from(sorted(NUMERIC_FIELDS)),
+    value=st.one_of(
+        st.binary(min_size=1, max_size=12),
+        st.text(alphabet=st.characters(categories=("Nd", "No")), max_size=6).map(str.encode),
+    ),
+    typeflag=st.sampled_from([b"0", b"5", b"x", b"L", b"g", b"\x00"]),
+    fix_checksum=st.booleans(),
+)
+def test_property_any_header_number_fails_cleanly(
+    field: str, value: bytes, typeflag: bytes, fix_checksum: bool
+) -> None:
+    start, end = NUMERIC_FIELDS[field]
+    block = bytearray(raw_header(b"name", typeflag=typeflag))
+    block[start:end] = value[: end - start].ljust(end - start, b"\x00")
+    data = with_checksum(block) if fix_checksum and field != "checksum" else bytes(block)
+    fails_cleanly(data + bytes(2048) + END)
+
+
+@settings(max_examples=300, deadline=None)
+@given(block=st.binary(min_size=512, max_size=512), magic=st.booleans())
+def test_property_any_header_block_fails_cleanly(block: bytes, magic: bool) -> None:
+    raw = bytearray(block)
+    if magic:
+        raw[257:265] = b"ustar\x0000"
+    fails_cleanly(with_checksum(raw) + bytes(1024) + END)
+
+
+# -- deep trees and hostile names -------------------------------------------------------------
+
+DEEP = "/".join(["d"] * 2047)  # 4093 bytes: as deep as a path may go
+
+
+def test_deepest_path_extracts(tmp_path: Path) -> None:
+    info = file_info(DEEP + "/f")
+    data = build_tar([(info, b"deep"), (file_info(DEEP + "/g"), b"g")], tarfile.PAX_FORMAT)
+    extract(data, tmp_path / "out")
+    fd = os.open(tmp_path / "out", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(2047):
+            nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        assert sorted(os.listdir(fd)) == ["f", "g"]
+    finally:
+        os.close(fd)
+    Destination(tmp_path / "empty").wipe()
+
+
+def test_deep_tree_then_a_refusal_leaves_nothing(tmp_path: Path) -> None:
+    deep = DEEP.rsplit("/", 1)[0]  # 2046 levels: room for the names below
+    entries: list[tuple[tarfile.TarInfo, bytes | None]]
+    entries = [(file_info(f"{deep}/f{i}"), b"plaintext") for i in range(3)]
+    entries.append((special_info("m/l", tarfile.SYMTYPE, "/etc/passwd"), None))
+    data = build_tar(entries, tarfile.PAX_FORMAT)
+    assert refusal(data, tmp_path / "out").reason == "unsafe-entry-type"
+    assert not (tmp_path / "out").exists()
+
+
+def test_many_entries_in_deep_directories(tmp_path: Path) -> None:
+    """Paths are checked against a tree of names, so deep entries cost what they are long."""
+    a, b = "/".join(["a"] * 600), "/".join(["b"] * 600)
+    entries = [(file_info(f"{a if i % 2 else b}/f{i}"), b"") for i in range(100)]
+    entries.append((file_info(f"{a}/f1/x"), b"x"))  # below a file: still noticed
+    data = build_tar(entries, tarfile.PAX_FORMAT)
+    assert refusal(data, tmp_path / "out").reason == "path-through-file"
+
+
+@pytest.mark.parametrize(
+    ("pax", "reason"),
+    [
+        ({"path": "a\x00b"}, "unsafe-path"),
+        ({"path": "a/\x00/b"}, "unsafe-path"),
+        ({"path": "x" * 5000}, "unsafe-path"),
+        ({"path": "a/" * 2048 + "b"}, "unsafe-path"),
+        ({"path": "ok", "GNU.sparse.size": "10"}, "unsafe-entry-type"),
+    ],
+)
+def test_hostile_pax_names(tmp_path: Path, pax: dict[str, str], reason: str) -> None:
+    info = file_info("innocent")
+    info.pax_headers = pax
+    data = build_tar([(info, b"x")], tarfile.PAX_FORMAT)
+    assert refusal(data, tmp_path / "out").reason == reason
+
+
+def test_gnu_long_name_with_nul_is_cut_there(tmp_path: Path) -> None:
+    name = b"real\x00../../evil\x00"
+    data = raw_header(b"././@LongLink", size=len(name), typeflag=b"L", magic=b"ustar  \x00")
+    data += padded(name) + raw_header(b"x", magic=b"ustar  \x00") + END
+    extract(data, tmp_path / "out")
+    assert tree(tmp_path / "out") == {"real": b""}
+
+
+def test_extended_header_too_large(tmp_path: Path) -> None:
+    data = raw_header(b"P", size=(1 << 20) + 1, typeflag=b"x") + END
+    assert refusal(data, tmp_path / "out").reason == "archive-malformed"
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS, errno.ENOSPC])
+def test_write_errors_name_the_destination_not_the_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def fail(fd: int, data: Any) -> int:
+        raise OSError(code, os.strerror(code))
+
+    data = build_tar([(file_info("secret-name"), b"payload")])
+    monkeypatch.setattr(os, "write", fail)
+    err = refusal(data, tmp_path / "out")
+    monkeypatch.undo()
+    root = tmp_path / "out"
+    if code == errno.ENOSPC:
+        assert (err.reason, err.message) == ("no-space", f"the file system of {root} is full")
+    else:
+        assert err.reason == "dest-write"
+        assert err.message == f"cannot write to {root}: {os.strerror(code)}"

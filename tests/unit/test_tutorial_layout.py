@@ -1,7 +1,9 @@
-"""The tutorial's package layout as unseal input: round trips, hostile tars, integrity."""
+"""The tutorial's package layout as unseal input: round trips, hostile tars, integrity, deep trees,
+package files that are not regular files, I/O errors."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tarfile
@@ -261,3 +263,130 @@ def test_not_a_regular_file(tmp_path: Path) -> None:
     with pytest.raises(ConfinferError) as info:
         unseal(tmp_path / "missing", tmp_path / "dest", bytearray(32))
     assert info.value.reason == "package-unreadable"
+
+
+# -- deep trees --------------------------------------------------------------------------------
+
+DEEP = "/".join(["d"] * 2046)  # with "/fN": as deep as a path may go (4095 bytes)
+
+
+def test_a_deep_tree_then_a_hostile_entry_leaves_nothing(tmp_path: Path) -> None:
+    entries: Entries = [(file_info(f"{DEEP}/f{i}"), b"plaintext") for i in range(3)]
+    entries.append((special_info("m/l", tarfile.SYMTYPE, "/etc/passwd"), None))
+    assert refused(tmp_path, build_tar(entries)).reason == "unsafe-entry-type"
+
+
+def test_a_deep_tree_then_a_bad_tag_leaves_nothing(tmp_path: Path) -> None:
+    tar = build_tar([(file_info(f"{DEEP}/f"), b"plaintext")])
+    archive, dek = seal(tmp_path, tar)
+    data = bytearray(archive.read_bytes())
+    data[-1] ^= 0x01
+    archive.write_bytes(data)
+    dest = tmp_path / "dest"
+    with pytest.raises(ConfinferError) as info:
+        unseal(archive, dest, dek)
+    assert info.value.reason == "integrity"
+    assert not dest.exists()
+
+
+def test_a_deep_tree_unseals_and_a_committed_one_wipes(tmp_path: Path) -> None:
+    archive, dek = seal(tmp_path, build_tar([(file_info(f"{DEEP}/f"), b"deep")]))
+    root = tmp_path / "dest"
+    with Destination(root) as dest:
+        tutorial.unseal_tutorial(archive, dest, dek)
+    assert len(list(root.iterdir())) == 1
+    dest.wipe()
+    assert not root.exists()
+
+
+# -- package files that are not regular files ---------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", [ARCHIVE_NAME, WRAPPED_DEK_NAME])
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "dev-zero", "directory"])
+def test_detect_refuses_what_is_not_a_regular_file(tmp_path: Path, name: str, kind: str) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / ARCHIVE_NAME).write_bytes(b"x" * 40)
+    (pkg / WRAPPED_DEK_NAME).write_bytes(b"w" * 256)
+    target = pkg / name
+    target.rename(pkg / "real")
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "symlink":
+        target.symlink_to(pkg / "real")
+    elif kind == "dev-zero":
+        target.symlink_to("/dev/zero")
+    else:
+        target.mkdir()
+    with pytest.raises(ConfinferError) as info:
+        tutorial.detect(pkg)
+    assert info.value.reason == "package-unreadable"
+    assert str(target) in info.value.message
+
+
+def test_detect_needs_both_names(tmp_path: Path) -> None:
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    os.mkfifo(pkg / ARCHIVE_NAME)  # only one of the two: not this layout at all
+    assert tutorial.detect(pkg) is None
+    assert tutorial.detect(tmp_path / "missing") is None
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_swapped_in_after_detect_is_refused_without_blocking(tmp_path: Path) -> None:
+    archive = tmp_path / "pkg" / ARCHIVE_NAME
+    wrapped = tmp_path / "pkg" / WRAPPED_DEK_NAME
+    archive.parent.mkdir()
+    archive.write_bytes(b"x" * 40)
+    wrapped.write_bytes(b"w" * 256)
+    package = tutorial.detect(tmp_path / "pkg")
+    assert package is not None
+    for path in (archive, wrapped):
+        path.unlink()
+        os.mkfifo(path)
+    with pytest.raises(ConfinferError) as info:
+        package.read_wrapped_dek()
+    assert info.value.reason == "package-unreadable"
+    dest = tmp_path / "dest"
+    with pytest.raises(ConfinferError) as info:
+        unseal(archive, dest, bytearray(32))
+    assert info.value.reason == "package-unreadable"
+    assert not dest.exists()
+
+
+# -- I/O errors ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EROFS, errno.ENOENT, errno.EACCES])
+def test_write_errors_are_dest_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    def fail(fd: int, data: object) -> int:
+        raise OSError(code, os.strerror(code))
+
+    archive, dek = seal(tmp_path, build_tar([(file_info("m/secret"), b"plaintext")]))
+    dest = tmp_path / "dest"
+    monkeypatch.setattr(os, "write", fail)
+    with pytest.raises(ConfinferError) as info:
+        unseal(archive, dest, dek)
+    monkeypatch.undo()
+    assert info.value.reason == "dest-write"
+    assert info.value.message == f"cannot write to {dest}: {os.strerror(code)}"
+    assert not dest.exists()
+
+
+def test_read_errors_are_package_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object) -> int:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    archive, dek = seal(tmp_path, build_tar([(file_info("m/a"), os.urandom(3 * tutorial.CHUNK))]))
+    dest = tmp_path / "dest"
+    monkeypatch.setattr(os, "preadv", fail)
+    with pytest.raises(ConfinferError) as info:
+        unseal(archive, dest, dek)
+    monkeypatch.undo()
+    assert info.value.reason == "package-read"
+    assert info.value.message == f"cannot read {archive}: {os.strerror(errno.EIO)}"
+    assert not dest.exists()
