@@ -204,9 +204,7 @@ def filesystem_type(path: Path) -> str:
 def run(argv: Sequence[str]) -> None:
     result = subprocess.run(argv, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise CommandFailed(
-            f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}"
-        )
+        raise CommandFailed(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
 
 
 # -- measuring --------------------------------------------------------------------------------
@@ -251,8 +249,7 @@ def timed(argv: Sequence[str], scratch: Path) -> tuple[float, int]:
         code, wall, rss = proc.returncode or -1, 0.0, 0
     if code != 0:
         raise CommandFailed(
-            f"{' '.join(argv)} exited {code}: "
-            f"{errfile.read_text(errors='replace').strip()[-2000:]}"
+            f"{' '.join(argv)} exited {code}: {errfile.read_text(errors='replace').strip()[-2000:]}"
         )
     return wall, rss
 
@@ -321,9 +318,7 @@ def bench(args: argparse.Namespace, work: Path) -> dict[str, object]:
 
     plain_tar = work / "model.tar"
     log("plaintext tar (shutil.make_archive, as the tutorial does)")
-    shutil.make_archive(
-        str(plain_tar.with_suffix("")), "tar", root_dir=src, base_dir=MODEL_NAME
-    )
+    shutil.make_archive(str(plain_tar.with_suffix("")), "tar", root_dir=src, base_dir=MODEL_NAME)
     log("tutorial layout")
     tutorial_pkg = work / "tutorial-pkg"
     write_tutorial_package(plain_tar, tutorial_pkg, public_pem)
@@ -436,8 +431,10 @@ def report(
             "kernel": platform.release(),
             "python": platform.python_version(),
         },
-        "targets": {**{f"{k}_ratio": v for k, v in TARGETS.items()},
-                    "unseal_rss_mib": UNSEAL_RSS_MIB},
+        "targets": {
+            **{f"{k}_ratio": v for k, v in TARGETS.items()},
+            "unseal_rss_mib": UNSEAL_RSS_MIB,
+        },
         "results": rows,
         "overall": overall,
     }
@@ -465,8 +462,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parent = args.workdir or Path("/var/tmp")  # noqa: S108 - a private mkdtemp below it
     parent.mkdir(parents=True, exist_ok=True)
     if filesystem_type(parent) in ("tmpfs", "ramfs"):
-        log(f"warning: {parent} is in memory; the inputs (about 4 x the model) will take RAM "
-            "and the page-cache warm-up means nothing (give --workdir on a disk)")
+        log(
+            f"warning: {parent} is in memory; the inputs (about 4 x the model) will take RAM "
+            "and the page-cache warm-up means nothing (give --workdir on a disk)"
+        )
     work = Path(tempfile.mkdtemp(prefix="confinfer-bench-", dir=parent))
     signal.signal(signal.SIGTERM, _stop)
     try:

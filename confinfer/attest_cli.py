@@ -26,12 +26,20 @@ def register_attest(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
             "refusal is one line on stderr and a non-zero exit."
         ),
     )
-    parser.add_argument("--maa-url", metavar="URL",
-                        help="attestation provider (default: maa_url from the configuration)")
-    parser.add_argument("--nonce", metavar="N",
-                        help="text bound into the token's client payload (default: random)")
-    parser.add_argument("--policy", type=Path, metavar="FILE",
-                        help="release policy (Key Vault grammar) the claims must satisfy")
+    parser.add_argument(
+        "--maa-url",
+        metavar="URL",
+        help="attestation provider (default: maa_url from the configuration)",
+    )
+    parser.add_argument(
+        "--nonce", metavar="N", help="text bound into the token's client payload (default: random)"
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="release policy (Key Vault grammar) the claims must satisfy",
+    )
     parser.set_defaults(func=run)
 
 

@@ -154,9 +154,7 @@ def parse(raw: bytes) -> HclReport:
         "<IIIII", data, base
     )
     if data_size != IGVM_HEADER_SIZE + var_size:
-        raise _invalid(
-            f"data size {data_size} does not match variable data size {var_size} + 20"
-        )
+        raise _invalid(f"data size {data_size} does not match variable data size {var_size} + 20")
     if RUNTIME_OFFSET + var_size > size:
         raise _invalid(f"runtime data ({var_size} bytes) runs past the report size {size}")
     runtime_data = data[RUNTIME_OFFSET : RUNTIME_OFFSET + var_size]

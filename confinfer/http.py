@@ -200,9 +200,7 @@ def backoff(attempt: int) -> float:
 class Http:
     """A session with the policy above. Not shared between threads; cheap to make."""
 
-    def __init__(
-        self, cfg: Config, *, sleep: Callable[[float], None] = time.sleep
-    ) -> None:
+    def __init__(self, cfg: Config, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._cfg = cfg
         self._sleep = sleep
         self._session = requests.Session()
@@ -250,8 +248,14 @@ class Http:
                     )
                 wait = asked if asked is not None else backoff(attempt)
             if attempt + 1 < attempts:
-                LOG.info("%s: %s; retry %d/%d in %.1f s", service.name, last, attempt + 1,
-                         attempts - 1, wait)
+                LOG.info(
+                    "%s: %s; retry %d/%d in %.1f s",
+                    service.name,
+                    last,
+                    attempt + 1,
+                    attempts - 1,
+                    wait,
+                )
                 self._sleep(wait)
         raise ServiceError(
             f"{service.name} at {url}: {last} after {attempts} attempt(s)",
@@ -271,8 +275,13 @@ class Http:
         with _deadline(cfg.http_timeout_s) as deadline:
             try:
                 answer = self._session.request(
-                    method, url, headers=dict(headers or {}), data=body,
-                    timeout=cfg.http_timeout_s, allow_redirects=False, stream=True,
+                    method,
+                    url,
+                    headers=dict(headers or {}),
+                    data=body,
+                    timeout=cfg.http_timeout_s,
+                    allow_redirects=False,
+                    stream=True,
                     verify=str(cfg.ca_bundle) if cfg.ca_bundle else True,
                 )
                 with answer:

@@ -51,8 +51,10 @@ def vcek_chain(http: Http, cfg: Config) -> str:
     with log.step("imds-thim"):
         reply = http.request("GET", url, service=IMDS, headers=HEADERS)
     if reply.status != 200:
-        raise ServiceError(f"imds at {url}: HTTP {reply.status}: {error_text(reply)}",
-                           reason=Reason.IMDS_UNAVAILABLE)
+        raise ServiceError(
+            f"imds at {url}: HTTP {reply.status}: {error_text(reply)}",
+            reason=Reason.IMDS_UNAVAILABLE,
+        )
     body = _json(reply)
     vcek = body.get("vcekCert") if isinstance(body, dict) else None
     chain = body.get("certificateChain") if isinstance(body, dict) else None
@@ -102,8 +104,10 @@ def managed_identity_token(http: Http, cfg: Config, audience: str) -> AccessToke
             "managed_identity_client_id",
         )
     if reply.status != 200:
-        raise ServiceError(f"imds at {cfg.imds}{TOKEN_PATH}: HTTP {reply.status}: "
-                           f"{error_text(reply)}", reason=Reason.IMDS_UNAVAILABLE)
+        raise ServiceError(
+            f"imds at {cfg.imds}{TOKEN_PATH}: HTTP {reply.status}: {error_text(reply)}",
+            reason=Reason.IMDS_UNAVAILABLE,
+        )
     body = _json(reply)
     token = body.get("access_token") if isinstance(body, dict) else None
     expires = body.get("expires_on") if isinstance(body, dict) else None

@@ -478,8 +478,11 @@ class KeyVault:
         self._check_allowed(key)
         version = key.version or ""
         path = f"/keys/{quote(key.name)}" + (
-            f"/{quote(version)}" if operation == "get" and version else
-            "" if operation == "get" else f"/{quote(version)}/{operation}"
+            f"/{quote(version)}"
+            if operation == "get" and version
+            else ""
+            if operation == "get"
+            else f"/{quote(version)}/{operation}"
         )
         url = f"{key.vault_url}{path}?api-version={API_VERSION}"
         token = self.access_token(key, operation)
@@ -488,8 +491,13 @@ class KeyVault:
         if body is not None:
             headers["Content-Type"] = "application/json"
             data = json.dumps(body).encode("utf-8")
-        reply = self._http.request("GET" if operation == "get" else "POST", url,
-                                   service=KEYVAULT, headers=headers, body=data)
+        reply = self._http.request(
+            "GET" if operation == "get" else "POST",
+            url,
+            service=KEYVAULT,
+            headers=headers,
+            body=data,
+        )
         if reply.status != 200:
             raise self._refusal(reply, key, operation)
         try:
@@ -506,8 +514,11 @@ class KeyVault:
         status = reply.status
         if status == 401:
             resource = _challenge_resource(reply)
-            if (self._cfg.keyvault_verify_challenge_resource and resource is not None
-                    and resource.rstrip("/") != key.audience):
+            if (
+                self._cfg.keyvault_verify_challenge_resource
+                and resource is not None
+                and resource.rstrip("/") != key.audience
+            ):
                 return KeyReleaseError(
                     f"Key Vault at {key.vault_url} asks for a token for "
                     f"{printable(resource, 200)}, not {key.audience}; no token was sent there",
@@ -555,36 +566,44 @@ class KeyVault:
 
     def wrap_key(self, key: KeyId, plaintext: bytes) -> tuple[bytes, str]:
         """RSA-OAEP-256 wrapKey; the wrapped bytes and the versioned key id Key Vault used."""
-        body = self._call(key, "wrapkey", {"alg": "RSA-OAEP-256",
-                                           "value": jose.b64url_encode(plaintext)})
+        body = self._call(
+            key, "wrapkey", {"alg": "RSA-OAEP-256", "value": jose.b64url_encode(plaintext)}
+        )
         try:
             wrapped = jose.b64url_decode(body["value"])
             kid = KeyId.parse(body.get("kid") or str(key))
         except (TypeError, KeyError, jose.JoseError, UsageError):
-            raise KeyReleaseError(f"Key Vault's wrapKey answer for {key} is malformed",
-                                  reason=Reason.KEYVAULT_FAILED) from None
+            raise KeyReleaseError(
+                f"Key Vault's wrapKey answer for {key} is malformed", reason=Reason.KEYVAULT_FAILED
+            ) from None
         if not key.accepts(kid):
-            raise KeyReleaseError(f"Key Vault wrapped with {kid}, not {key}",
-                                  reason=Reason.RELEASE_KEY_MISMATCH)
+            raise KeyReleaseError(
+                f"Key Vault wrapped with {kid}, not {key}", reason=Reason.RELEASE_KEY_MISMATCH
+            )
         return wrapped, str(kid)
 
     def unwrap_key(self, key: KeyId, wrapped: bytes) -> bytearray:
         """RSA-OAEP-256 unwrapKey; the plaintext in a buffer the caller zeroes."""
-        body = self._call(key, "unwrapkey", {"alg": "RSA-OAEP-256",
-                                             "value": jose.b64url_encode(wrapped)})
+        body = self._call(
+            key, "unwrapkey", {"alg": "RSA-OAEP-256", "value": jose.b64url_encode(wrapped)}
+        )
         try:
             return bytearray(jose.b64url_decode(body["value"]))
         except (TypeError, KeyError, jose.JoseError):
-            raise KeyReleaseError(f"Key Vault's unwrapKey answer for {key} is malformed",
-                                  reason=Reason.KEYVAULT_FAILED) from None
+            raise KeyReleaseError(
+                f"Key Vault's unwrapKey answer for {key} is malformed",
+                reason=Reason.KEYVAULT_FAILED,
+            ) from None
 
     def release(
         self, key: KeyId, maa_token: str, *, algorithm: str, nonce: str | None = None
     ) -> ReleasedKey:
         """Secure Key Release of ``key`` to the holder of ``maa_token``, verified."""
         if algorithm not in SKR_ALGORITHMS:
-            raise UsageError(f"unknown key-release algorithm {algorithm!r}; expected one of "
-                             f"{', '.join(SKR_ALGORITHMS)}")
+            raise UsageError(
+                f"unknown key-release algorithm {algorithm!r}; expected one of "
+                f"{', '.join(SKR_ALGORITHMS)}"
+            )
         roots = trust_anchors(self._cfg.release_roots)
         body: dict[str, Any] = {"target": maa_token, "enc": algorithm}
         if nonce is not None:

@@ -191,10 +191,11 @@ def _open_envelope(vtpm: Vtpm, key: EphemeralKey, token_field: Any) -> str:
     params = envelope.get("EncryptionParams")
     if not isinstance(params, dict):
         raise _bad_response("EncryptionParams is missing")
-    if params.get("Cipher", "AES") != "AES" or params.get("BlockMode",
-                                                          "ChainingModeGCM") != "ChainingModeGCM":
-        raise _bad_response(f"unsupported cipher {params.get('Cipher')}/"
-                            f"{params.get('BlockMode')}")
+    if (
+        params.get("Cipher", "AES") != "AES"
+        or params.get("BlockMode", "ChainingModeGCM") != "ChainingModeGCM"
+    ):
+        raise _bad_response(f"unsupported cipher {params.get('Cipher')}/{params.get('BlockMode')}")
     bits = params.get("KeySizeInBits")
     if isinstance(bits, str) and bits.isdigit():
         bits = int(bits)
@@ -211,8 +212,10 @@ def _open_envelope(vtpm: Vtpm, key: EphemeralKey, token_field: Any) -> str:
         try:
             plain = AESGCM(inner).decrypt(iv, ciphertext + tag, TRANSPORT_KEY_AAD)
         except InvalidTag:
-            raise AttestationError("MAA answer does not decrypt (authentication failed)",
-                                   reason=Reason.MAA_RESPONSE_INTEGRITY) from None
+            raise AttestationError(
+                "MAA answer does not decrypt (authentication failed)",
+                reason=Reason.MAA_RESPONSE_INTEGRITY,
+            ) from None
     finally:
         inner[:] = bytes(len(inner))
     try:
@@ -221,8 +224,9 @@ def _open_envelope(vtpm: Vtpm, key: EphemeralKey, token_field: Any) -> str:
         raise _bad_response("the decrypted token is not ASCII") from None
 
 
-def _check_binding(claims: Mapping[str, Any], key: EphemeralKey,
-                   payload: Mapping[str, str]) -> None:
+def _check_binding(
+    claims: Mapping[str, Any], key: EphemeralKey, payload: Mapping[str, str]
+) -> None:
     runtime = claims.get("x-ms-runtime")
     if not isinstance(runtime, Mapping):
         raise AttestationError("token lacks x-ms-runtime", reason=Reason.MAA_TOKEN_UNBOUND)
@@ -289,16 +293,28 @@ def _attest(
         key = vtpm.ephemeral_key()
     chain = imds.vcek_chain(http, cfg)
     info = attestation_info(
-        report=report, vcek_chain_pem=chain, ak_cert=ak_cert, ak_public=ak_public,
-        quote_attest=quote.attest, quote_signature=quote.signature, pcrs=quote.pcrs,
-        key=key, client_payload=payload, tcg_log_bytes=tcg_log(), distro=os_info(),
+        report=report,
+        vcek_chain_pem=chain,
+        ak_cert=ak_cert,
+        ak_public=ak_public,
+        quote_attest=quote.attest,
+        quote_signature=quote.signature,
+        pcrs=quote.pcrs,
+        key=key,
+        client_payload=payload,
+        tcg_log_bytes=tcg_log(),
+        distro=os_info(),
     )
     body = json.dumps({"AttestationInfo": b64url(json.dumps(info).encode("utf-8"))})
 
     url = f"{cfg.maa_url.rstrip('/')}/attest/AzureGuest?api-version={API_VERSION}"
-    reply = http.request("POST", url, service=MAA, body=body.encode("utf-8"),
-                         headers={"Content-Type": "application/json",
-                                  "Accept": "application/json"})
+    reply = http.request(
+        "POST",
+        url,
+        service=MAA,
+        body=body.encode("utf-8"),
+        headers={"Content-Type": "application/json", "Accept": "application/json"},
+    )
     if reply.status != 200:
         raise AttestationError(
             f"MAA refused the evidence (HTTP {reply.status}): {error_text(reply)}",

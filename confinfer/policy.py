@@ -12,12 +12,13 @@ MAA, so an operator writes one policy and both sides read it the same way::
 
 Semantics: an authority applies when it names the token's issuer (a trailing ``/`` and letter
 case of scheme and host do not matter; an authority written without a scheme, as in
-``"sharedeus2.eus2.attest.azure.net"``, means ``https://`` and that host, as Key Vault reads it). Dots walk nested JSON objects; arrays are not indexed;
-a missing claim fails every operator but ``exists: false``, and a claim that is an object,
-array or null fails every comparison (fail closed; ``exists`` only asks whether it is there).
-Values are strings, numbers or booleans; ``equals`` never treats ``true`` as
-``1``; the ordering operators compare numbers with numbers and strings with strings. Keywords
-match regardless of case (the documented EBNF spells them ``anyof``/``allof``).
+``"sharedeus2.eus2.attest.azure.net"``, means ``https://`` and that host, as Key Vault reads
+it). Dots walk nested JSON objects; arrays are not indexed; a missing claim fails every operator
+but ``exists: false``, and a claim that is an object, array or null fails every comparison (fail
+closed; ``exists`` only asks whether it is there). Values are strings, numbers or booleans;
+``equals`` never treats ``true`` as ``1``; the ordering operators compare numbers with numbers
+and strings with strings. Keywords match regardless of case (the documented EBNF spells them
+``anyof``/``allof``).
 
 :func:`parse` rejects anything outside the grammar with a one-line
 :class:`~confinfer.errors.ConfigError` (reason ``policy-invalid``); :func:`evaluate` raises
@@ -41,12 +42,16 @@ VERSION = "1.0.0"
 Value = str | int | float | bool
 GroupKind = Literal["anyOf", "allOf"]
 
-OPERATORS = ("equals", "notEquals", "less", "lessOrEquals", "greater", "greaterOrEquals",
-             "exists")
+OPERATORS = ("equals", "notEquals", "less", "lessOrEquals", "greater", "greaterOrEquals", "exists")
 _OPERATOR = {name.lower(): name for name in OPERATORS}
 _GROUP: dict[str, GroupKind] = {"anyof": "anyOf", "allof": "allOf"}
-_SYMBOL = {"notEquals": "not ", "less": "< ", "lessOrEquals": "<= ", "greater": "> ",
-           "greaterOrEquals": ">= "}
+_SYMBOL = {
+    "notEquals": "not ",
+    "less": "< ",
+    "lessOrEquals": "<= ",
+    "greater": "> ",
+    "greaterOrEquals": ">= ",
+}
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,11 @@ def _rule(raw: Any, where: str) -> Rule:
     groups = [k for k in keys if k in _GROUP]
     if groups:
         if len(keys) != 1:
-            raise _invalid(where, "anyOf/allOf must stand alone in its object "
-                                  f"(found {sorted(s for s, _ in keys.values())})")
+            raise _invalid(
+                where,
+                "anyOf/allOf must stand alone in its object "
+                f"(found {sorted(s for s, _ in keys.values())})",
+            )
         return _group(_GROUP[groups[0]], keys[groups[0]][1], where)
     if "claim" not in keys:
         raise _invalid(where, "a condition needs a 'claim'")
@@ -139,21 +147,25 @@ def _rule(raw: Any, where: str) -> Rule:
         raise _invalid(f"{where}.claim", f"expected a dotted claim name, got {claim!r}")
     if "condition" in keys or "value" in keys:
         if set(keys) != {"condition", "value"}:
-            raise _invalid(where, "the condition/value form takes 'claim', 'condition' and "
-                                  "'value' only")
+            raise _invalid(
+                where, "the condition/value form takes 'claim', 'condition' and 'value' only"
+            )
         name = keys["condition"][1]
         if not isinstance(name, str) or name.lower() not in _OPERATOR:
-            raise _invalid(f"{where}.condition",
-                           f"unknown operator {name!r} (expected one of {', '.join(OPERATORS)})")
+            raise _invalid(
+                f"{where}.condition",
+                f"unknown operator {name!r} (expected one of {', '.join(OPERATORS)})",
+            )
         operator, raw_value = _OPERATOR[name.lower()], keys["value"][1]
     else:
         unknown = sorted(spelling for k, (spelling, _) in keys.items() if k not in _OPERATOR)
         if unknown:
             raise _invalid(where, f"unknown key(s) {unknown}")
         if len(keys) != 1:
-            raise _invalid(where, f"a condition takes exactly one operator of "
-                                  f"{', '.join(OPERATORS)}")
-        (key, (_, raw_value)), = keys.items()
+            raise _invalid(
+                where, f"a condition takes exactly one operator of {', '.join(OPERATORS)}"
+            )
+        ((key, (_, raw_value)),) = keys.items()
         operator = _OPERATOR[key]
     value = _value(raw_value, f"{where}.{operator}")
     if operator == "exists" and not isinstance(value, bool):
@@ -178,7 +190,7 @@ def _authority(raw: Any, where: str) -> Authority:
         raise _invalid(where, f"unknown key(s) {unknown}")
     if len(keys) != 1:
         raise _invalid(where, "an authority takes exactly one of anyOf or allOf")
-    (key, (_, rules)), = keys.items()
+    ((key, (_, rules)),) = keys.items()
     return Authority(url, _group(_GROUP[key], rules, where))
 
 
@@ -220,8 +232,9 @@ def load(path: Path) -> Policy:
     try:
         text = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the release policy: {exc.strerror}",
-                          reason=Reason.POLICY_INVALID) from None
+        raise ConfigError(
+            f"{path}: cannot read the release policy: {exc.strerror}", reason=Reason.POLICY_INVALID
+        ) from None
     try:
         return parse(text)
     except ConfigError as exc:
@@ -307,8 +320,9 @@ class _Failure:
             got = "nothing (claim missing)" if self.actual is MISSING else _show(self.actual)
             return f"{self.claim}: expected {want}, got {got}"
         prefix = _SYMBOL.get(self.operator, "")
-        return f"{self.claim}: expected {prefix}{json.dumps(self.expected)}, got " \
-               f"{_show(self.actual)}"
+        return (
+            f"{self.claim}: expected {prefix}{json.dumps(self.expected)}, got {_show(self.actual)}"
+        )
 
 
 def _check(rule: Rule, claims: Mapping[str, Any]) -> list[_Failure]:
@@ -330,8 +344,9 @@ def _check(rule: Rule, claims: Mapping[str, Any]) -> list[_Failure]:
     return failures
 
 
-def evaluate(policy: Policy | Mapping[str, Any] | str | bytes, claims: Mapping[str, Any],
-             issuer: str) -> None:
+def evaluate(
+    policy: Policy | Mapping[str, Any] | str | bytes, claims: Mapping[str, Any], issuer: str
+) -> None:
     """Raise :class:`PolicyError` unless ``claims`` from ``issuer`` satisfy ``policy``."""
     parsed = parse(policy)
     authorities = parsed.for_issuer(issuer)
@@ -340,8 +355,11 @@ def evaluate(policy: Policy | Mapping[str, Any] | str | bytes, claims: Mapping[s
         raise PolicyError(
             f"iss: token issuer {issuer!r} is not an authority of the policy ({named})",
             reason=Reason.POLICY_UNTRUSTED_ISSUER,
-            details={"claim": "iss", "expected": [a.url for a in parsed.authorities],
-                     "actual": issuer},
+            details={
+                "claim": "iss",
+                "expected": [a.url for a in parsed.authorities],
+                "actual": issuer,
+            },
         )
     failures: list[_Failure] = []
     for authority in authorities:

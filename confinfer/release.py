@@ -86,8 +86,9 @@ class KekPrivateKey(Closable):
 
     def private_key(self) -> rsa.RSAPrivateKey:
         if self._key is None:
-            raise KeyReleaseError("the released KEK has already been dropped",
-                                  reason=Reason.KEK_CLOSED)
+            raise KeyReleaseError(
+                "the released KEK has already been dropped", reason=Reason.KEK_CLOSED
+            )
         return self._key
 
     def public_key(self) -> rsa.RSAPublicKey:
@@ -107,7 +108,8 @@ def zero(buf: bytearray) -> None:
 
 def _blob_invalid(message: str) -> KeyReleaseError:
     return KeyReleaseError(
-        f"the released key's transfer blob is invalid: {message}", reason=Reason.TRANSFER_BLOB_INVALID
+        f"the released key's transfer blob is invalid: {message}",
+        reason=Reason.TRANSFER_BLOB_INVALID,
     )
 
 
@@ -206,7 +208,8 @@ def transfer_key_bytes(claims: Mapping[str, Any]) -> int:
             continue
         ops = jwk.get("key_ops")
         if (isinstance(ops, list) and "encrypt" in ops) or "enc" in (
-            jwk.get("use"), jwk.get("key_use")
+            jwk.get("use"),
+            jwk.get("key_use"),
         ):
             numbers = jose.rsa_numbers(jwk)
             return (numbers[0].bit_length() + 7) // 8 if numbers else DEFAULT_TRANSFER_KEY_BYTES
@@ -285,7 +288,9 @@ def release_kek(
         check_token_fresh(result.claims)
         try:
             released = vault.release(
-                key_id, result.token, algorithm=alg,
+                key_id,
+                result.token,
+                algorithm=alg,
                 nonce=nonce if nonce is not None else new_nonce(),
             )
         except KeyReleaseError as exc:

@@ -78,11 +78,15 @@ def _jwk_key(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
     x5c = jwk.get("x5c")
     if x5c is not None:
         if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
-            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c is not a list of certificates")
+            raise _fail(
+                Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c is not a list of certificates"
+            )
         try:
             cert = x509.load_der_x509_certificate(jose.b64_decode(x5c[0]))
         except ValueError:
-            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not a certificate") from None
+            raise _fail(
+                Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not a certificate"
+            ) from None
         cert_key = cert.public_key()
         if not isinstance(cert_key, rsa.RSAPublicKey):
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c[0] is not an RSA certificate")
@@ -94,7 +98,9 @@ def _jwk_key(jwk: Mapping[str, Any]) -> rsa.RSAPublicKey:
         except ValueError:
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r} is not a valid RSA key") from None
         if leaf is not None and leaf.public_numbers() != public.public_numbers():
-            raise _fail(Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c certificate does not match n/e")
+            raise _fail(
+                Reason.TOKEN_JWKS_INVALID, f"key {kid!r}: x5c certificate does not match n/e"
+            )
     else:
         public = leaf
     if public.key_size < MIN_KEY_BITS:
@@ -150,14 +156,17 @@ class JwksCache:
         if not isinstance(metadata, Mapping):
             raise _fail(Reason.TOKEN_JWKS_INVALID, "OpenID metadata is not a JSON object")
         stated = metadata.get("issuer")
-        if stated is not None and (not isinstance(stated, str)
-                                   or stated.rstrip("/") != issuer.rstrip("/")):
-            raise _fail(Reason.TOKEN_JWKS_INVALID,
-                        f"OpenID metadata names issuer {stated!r}, not {issuer}")
+        if stated is not None and (
+            not isinstance(stated, str) or stated.rstrip("/") != issuer.rstrip("/")
+        ):
+            raise _fail(
+                Reason.TOKEN_JWKS_INVALID, f"OpenID metadata names issuer {stated!r}, not {issuer}"
+            )
         jwks_uri = metadata.get("jwks_uri")
         if not isinstance(jwks_uri, str) or not _under(jwks_uri, issuer):
-            raise _fail(Reason.TOKEN_JWKS_INVALID,
-                        f"jwks_uri {jwks_uri!r} is not under the issuer {issuer}")
+            raise _fail(
+                Reason.TOKEN_JWKS_INVALID, f"jwks_uri {jwks_uri!r} is not under the issuer {issuer}"
+            )
         jwks = fetch(jwks_uri)
         entries = jwks.get("keys") if isinstance(jwks, Mapping) else None
         if not isinstance(entries, list):
@@ -191,22 +200,29 @@ def verify_token(
     try:
         jws = jose.parse(token)
     except jose.JoseError as exc:
-        reason = (Reason.TOKEN_BAD_SIGNATURE if isinstance(exc, jose.AlgorithmError)
-                  else Reason.TOKEN_MALFORMED)
+        reason = (
+            Reason.TOKEN_BAD_SIGNATURE
+            if isinstance(exc, jose.AlgorithmError)
+            else Reason.TOKEN_MALFORMED
+        )
         raise _fail(reason, str(exc)) from None
     header, claims = jws.header, jws.payload
 
     iss = claims.get("iss")
     allowed = {i.rstrip("/"): i.rstrip("/") for i in issuers}
     if not isinstance(iss, str) or iss.rstrip("/") not in allowed:
-        raise _fail(Reason.TOKEN_UNTRUSTED_ISSUER,
-                    f"issuer {iss!r} is not one of the trusted issuers "
-                    f"({', '.join(allowed) or 'none configured'})")
+        raise _fail(
+            Reason.TOKEN_UNTRUSTED_ISSUER,
+            f"issuer {iss!r} is not one of the trusted issuers "
+            f"({', '.join(allowed) or 'none configured'})",
+        )
     issuer = allowed[iss.rstrip("/")]  # build URLs from the configured spelling only
     jku = header.get("jku")
     if jku is not None and (not isinstance(jku, str) or jku.rstrip("/") != f"{issuer}/certs"):
-        raise _fail(Reason.TOKEN_UNTRUSTED_ISSUER,
-                    f"jku {jku!r} is not {issuer}/certs; keys are only taken from the issuer")
+        raise _fail(
+            Reason.TOKEN_UNTRUSTED_ISSUER,
+            f"jku {jku!r} is not {issuer}/certs; keys are only taken from the issuer",
+        )
     kid = header.get("kid")
     if not isinstance(kid, str) or not kid:
         raise _fail(Reason.TOKEN_MALFORMED, "header has no kid")
@@ -215,23 +231,25 @@ def verify_token(
     try:
         jose.verify(jws, key)
     except jose.JoseError:
-        raise _fail(Reason.TOKEN_BAD_SIGNATURE,
-                    f"signature does not verify with {issuer} key {kid!r}") from None
+        raise _fail(
+            Reason.TOKEN_BAD_SIGNATURE, f"signature does not verify with {issuer} key {kid!r}"
+        ) from None
 
     current = time.time() if now is None else now
     exp = claims.get("exp")
     if not isinstance(exp, int | float) or isinstance(exp, bool):
         raise _fail(Reason.TOKEN_MALFORMED, "exp is missing or not a number")
     if current > exp + leeway_s:
-        raise _fail(Reason.TOKEN_EXPIRED,
-                    f"expired {int(current - exp)} s ago (exp {int(exp)})")
+        raise _fail(Reason.TOKEN_EXPIRED, f"expired {int(current - exp)} s ago (exp {int(exp)})")
     nbf = claims.get("nbf")
     if nbf is not None:
         if not isinstance(nbf, int | float) or isinstance(nbf, bool):
             raise _fail(Reason.TOKEN_MALFORMED, "nbf is not a number")
         if current + leeway_s < nbf:
-            raise _fail(Reason.TOKEN_NOT_YET_VALID,
-                        f"not valid for another {int(nbf - current)} s (nbf {int(nbf)})")
+            raise _fail(
+                Reason.TOKEN_NOT_YET_VALID,
+                f"not valid for another {int(nbf - current)} s (nbf {int(nbf)})",
+            )
     return VerifiedToken(token=token, header=header, claims=claims, issuer=issuer)
 
 
@@ -243,8 +261,9 @@ def http_fetch(http: Http) -> Fetch:
             raise _fail(Reason.TOKEN_JWKS_INVALID, f"{url} is not an https:// URL")
         reply = http.request("GET", url, service=JWKS, headers={"Accept": "application/json"})
         if reply.status != 200:
-            raise ServiceError(f"{url} answered HTTP {reply.status}",
-                               reason=Reason.TOKEN_JWKS_UNAVAILABLE)
+            raise ServiceError(
+                f"{url} answered HTTP {reply.status}", reason=Reason.TOKEN_JWKS_UNAVAILABLE
+            )
         try:
             return reply.json()
         except ValueError:

@@ -184,8 +184,9 @@ def _tss_error(
         if error in (TPM2_RC.AUTH_FAIL, TPM2_RC.BAD_AUTH, TPM2_RC.NV_AUTHORIZATION):
             return TpmError(f"{action}: authorization refused ({exc})", reason=Reason.TPM_AUTH)
         if error == TPM2_RC.LOCKOUT:
-            return TpmError(f"{action}: the vTPM is in dictionary-attack lockout",
-                            reason=Reason.TPM_LOCKOUT)
+            return TpmError(
+                f"{action}: the vTPM is in dictionary-attack lockout", reason=Reason.TPM_LOCKOUT
+            )
     return TpmError(f"{action}: {exc}", reason=Reason.TPM_ERROR)
 
 
@@ -203,8 +204,9 @@ class Vtpm(Closable):
         except TSS2_Exception as exc:
             raise _tss_error(exc, "connect", tcti=tcti) from None
         except (ValueError, RuntimeError) as exc:  # a malformed TCTI string
-            raise TpmError(f"connect: bad TCTI {tcti!r}: {exc}", reason=Reason.TPM_UNREACHABLE) from None
-
+            raise TpmError(
+                f"connect: bad TCTI {tcti!r}: {exc}", reason=Reason.TPM_UNREACHABLE
+            ) from None
 
     def close(self) -> None:
         if self._esys is None:
@@ -260,8 +262,9 @@ class Vtpm(Closable):
             elif scheme == TPM2_ALG.RSASSA:
                 self._ak_scheme = TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL)
             else:
-                raise TpmError(f"the AK signs with {scheme}, not RSASSA",
-                               reason=Reason.TPM_AK_INVALID)
+                raise TpmError(
+                    f"the AK signs with {scheme}, not RSASSA", reason=Reason.TPM_AK_INVALID
+                )
         except BaseException:
             self._quietly(self._e.tr_close, ak)
             raise
@@ -398,11 +401,21 @@ class Vtpm(Closable):
                 self._fail(exc, what)
         try:
             if tr is None:
-                attrs = int(TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE
-                            | TPMA_NV.AUTHREAD)
-                tr = e.nv_define_space(None, TPM2B_NV_PUBLIC(TPMS_NV_PUBLIC(
-                    nvIndex=USER_DATA_INDEX, nameAlg=TPM2_ALG.SHA256, attributes=attrs,
-                    dataSize=len(data))), ESYS_TR.OWNER)
+                attrs = int(
+                    TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD
+                )
+                tr = e.nv_define_space(
+                    None,
+                    TPM2B_NV_PUBLIC(
+                        TPMS_NV_PUBLIC(
+                            nvIndex=USER_DATA_INDEX,
+                            nameAlg=TPM2_ALG.SHA256,
+                            attributes=attrs,
+                            dataSize=len(data),
+                        )
+                    ),
+                    ESYS_TR.OWNER,
+                )
             auth = ESYS_TR.OWNER if attrs & TPMA_NV.OWNERWRITE else tr
             e.nv_write(tr, data, 0, auth_handle=auth)
         except TSS2_Exception as exc:
@@ -457,8 +470,11 @@ class Vtpm(Closable):
         e = self._e
         try:
             session = e.start_auth_session(
-                ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL,
-                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+                ESYS_TR.NONE,
+                ESYS_TR.NONE,
+                TPM2_SE.TRIAL,
+                TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                TPM2_ALG.SHA256,
             )
         except TSS2_Exception as exc:
             self._fail(exc, "start a trial session")
@@ -545,8 +561,11 @@ class Vtpm(Closable):
                     )
             try:
                 session = e.start_auth_session(
-                    ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-                    TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256,
+                    ESYS_TR.NONE,
+                    ESYS_TR.NONE,
+                    TPM2_SE.POLICY,
+                    TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL),
+                    TPM2_ALG.SHA256,
                 )
                 e.policy_pcr(session, TPM2B_DIGEST(), _selection(ATTESTATION_PCRS))
             except TSS2_Exception as exc:
@@ -558,8 +577,7 @@ class Vtpm(Closable):
                 if err.reason == Reason.TPM_ERROR and int(exc.rc) & _LAYER_MASK == 0:
                     err = TpmError(
                         "the ephemeral key could not decrypt: the ciphertext is not for this "
-                        "key"
-                        + ("" if known else ", or PCRs 0-7 changed since the key was made"),
+                        "key" + ("" if known else ", or PCRs 0-7 changed since the key was made"),
                         reason=Reason.TPM_DECRYPT_FAILED,
                     )
                 raise err from None
@@ -581,8 +599,9 @@ def _selected(selection: Any, pcr: int) -> bool:
 
 def _rsassa(signature: Any) -> bytes:
     if signature.sigAlg != TPM2_ALG.RSASSA:
-        raise TpmError(f"the AK signed with {signature.sigAlg}, not RSASSA",
-                       reason=Reason.TPM_AK_INVALID)
+        raise TpmError(
+            f"the AK signed with {signature.sigAlg}, not RSASSA", reason=Reason.TPM_AK_INVALID
+        )
     return bytes(signature.signature.rsassa.sig)
 
 
@@ -596,6 +615,7 @@ def _wipe(tpm2b: Any) -> None:
 
 def _der_length(raw: bytes) -> int:
     """Length of the DER SEQUENCE at the start of ``raw`` (NV indices are padded)."""
+
     def bad() -> TpmError:
         return TpmError(
             f"NV index 0x{AK_CERT_INDEX:08X} does not hold a DER certificate",

@@ -124,9 +124,7 @@ class ChunkCipher:
         ``out`` holds plaintext only once this returns: on a bad tag it raises
         IntegrityError (``chunk-integrity``) and the caller must discard ``out``.
         """
-        dec = Cipher(
-            self._algorithm, modes.GCM(chunk_nonce(index, final), bytes(tag))
-        ).decryptor()
+        dec = Cipher(self._algorithm, modes.GCM(chunk_nonce(index, final), bytes(tag))).decryptor()
         dec.authenticate_additional_data(self._aad)
         done = dec.update_into(ciphertext, out) if len(memoryview(ciphertext)) else 0
         try:

@@ -62,10 +62,14 @@ def command(tool: Path, maa_url: str, key_id: str, wrapped_dek: bytes) -> list[s
     """The tool's argument vector for unwrapping ``wrapped_dek``."""
     return [
         str(tool),
-        "-a", maa_url.rstrip("/"),
-        "-k", key_id,
-        "-c", "imds",
-        "-s", base64.b64encode(wrapped_dek).decode("ascii"),
+        "-a",
+        maa_url.rstrip("/"),
+        "-k",
+        key_id,
+        "-c",
+        "imds",
+        "-s",
+        base64.b64encode(wrapped_dek).decode("ascii"),
         "-u",
     ]
 
@@ -155,13 +159,16 @@ def unwrap_dek(
     ``skr-tool-timeout``.
     """
     argv = command(resolve_tool(tool), cfg.maa_url, key_id, wrapped_dek)
-    unused = [k for k in ("tpm_tcti", "imds_url", "ca_bundle", "keyvault_release_ca_bundle")
-              if k in cfg.sources]
+    unused = [
+        k
+        for k in ("tpm_tcti", "imds_url", "ca_bundle", "keyvault_release_ca_bundle")
+        if k in cfg.sources
+    ]
     if unused:
-        LOG.warning("AzureAttestSKR does not take %s; it uses its own defaults",
-                    ", ".join(unused))
-    tool_env = {k: v for k, v in (os.environ if env is None else env).items()
-                if k not in TRACE_VARIABLES}
+        LOG.warning("AzureAttestSKR does not take %s; it uses its own defaults", ", ".join(unused))
+    tool_env = {
+        k: v for k, v in (os.environ if env is None else env).items() if k not in TRACE_VARIABLES
+    }
     if cfg.managed_identity_client_id:
         tool_env[CLIENT_ID_VARIABLE] = cfg.managed_identity_client_id
     try:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from loader.progress import Progress
 
 LOG = logging.getLogger("confinfer.loader")
+
 
 def parse_size(text: str) -> int:
     """``4194304``, ``4M``, ``4MiB``, ``64G``: binary multiples."""
@@ -45,15 +46,32 @@ def register_seal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "wrapped by the key-encryption key (KEK).",
     )
     p.add_argument("model_dir", type=Path, metavar="MODEL_DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="PKG_DIR",
-                   help="package directory to create (must not exist, or be empty)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="PKG_DIR",
+        help="package directory to create (must not exist, or be empty)",
+    )
     key = p.add_mutually_exclusive_group(required=True)
-    key.add_argument("--key-id", metavar="KID",
-                     help="Key Vault key that wraps the data key (wrapKey, RSA-OAEP-256)")
-    key.add_argument("--kek-public-key", type=Path, metavar="PEM",
-                     help="wrap offline with the KEK's public key (PEM key or certificate)")
-    p.add_argument("--chunk-size", type=parse_size, default=None, metavar="N",
-                   help="plaintext bytes per chunk (default 4MiB, at most 8MiB)")
+    key.add_argument(
+        "--key-id",
+        metavar="KID",
+        help="Key Vault key that wraps the data key (wrapKey, RSA-OAEP-256)",
+    )
+    key.add_argument(
+        "--kek-public-key",
+        type=Path,
+        metavar="PEM",
+        help="wrap offline with the KEK's public key (PEM key or certificate)",
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=parse_size,
+        default=None,
+        metavar="N",
+        help="plaintext bytes per chunk (default 4MiB, at most 8MiB)",
+    )
     p.set_defaults(func=seal_command)
 
 
@@ -65,26 +83,49 @@ def register_unseal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "remains in DIR when it fails.",
     )
     p.add_argument("pkg_dir", type=Path, metavar="PKG_DIR")
-    p.add_argument("--dest", type=Path, required=True, metavar="DIR",
-                   help="where the model goes (must not exist, or be empty)")
-    p.add_argument("--kek-private-key", type=Path, metavar="PEM",
-                   help="unwrap the data key offline with the KEK's private key")
-    p.add_argument("--key-id", metavar="KID",
-                   help="the KEK the package must be sealed for; without --kek-private-key "
-                   "the data key is unwrapped by Key Vault (unwrapKey) with it")
-    p.add_argument("--max-bytes", type=parse_size, default=None, metavar="N",
-                   help="refuse models larger than N bytes (default: max_bytes)")
+    p.add_argument(
+        "--dest",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where the model goes (must not exist, or be empty)",
+    )
+    p.add_argument(
+        "--kek-private-key",
+        type=Path,
+        metavar="PEM",
+        help="unwrap the data key offline with the KEK's private key",
+    )
+    p.add_argument(
+        "--key-id",
+        metavar="KID",
+        help="the KEK the package must be sealed for; without --kek-private-key "
+        "the data key is unwrapped by Key Vault (unwrapKey) with it",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        default=None,
+        metavar="N",
+        help="refuse models larger than N bytes (default: max_bytes)",
+    )
     group = p.add_argument_group("Secure Key Release (on an attested VM)")
     group.add_argument(
-        "--skr", action="store_true",
+        "--skr",
+        action="store_true",
         help="attest with MAA and have Key Vault release the KEK into the vTPM; the key is "
         "--key-id, else key_id from the configuration (a package may only name a configured "
         "key: key_id or keyvault_allowed_keys)",
     )
-    group.add_argument("--maa-url", metavar="URL",
-                       help="attestation provider (default: maa_url from the configuration)")
     group.add_argument(
-        "--skr-tool", type=Path, metavar="PATH",
+        "--maa-url",
+        metavar="URL",
+        help="attestation provider (default: maa_url from the configuration)",
+    )
+    group.add_argument(
+        "--skr-tool",
+        type=Path,
+        metavar="PATH",
         help="release through this AzureAttestSKR binary instead (as the tutorial does); "
         "default: skr_tool from the configuration when set",
     )
@@ -126,12 +167,15 @@ def seal_command(args: argparse.Namespace) -> int:
     else:
         wrapper = KeyVaultWrapper(_config(key_id=args.key_id))
     with Progress("seal") as progress, Destination(args.out) as out:
-        header = seal_model(args.model_dir, out, wrapper, chunk_size=chunk_size,
-                            progress=progress)
+        header = seal_model(args.model_dir, out, wrapper, chunk_size=chunk_size, progress=progress)
     LOG.info(
         "sealed %d files (%s) from %s into %s in %.1f s, key %s",
-        len(header.files), human_bytes(header.total_size), args.model_dir,
-        args.out / fmt.PACKAGE_FILE, progress.elapsed_s, header.key_id,
+        len(header.files),
+        human_bytes(header.total_size),
+        args.model_dir,
+        args.out / fmt.PACKAGE_FILE,
+        progress.elapsed_s,
+        header.key_id,
     )
     return 0
 
@@ -143,8 +187,7 @@ def make_unwrapper(args: argparse.Namespace, cfg: Config) -> DekUnwrapper:
     kek_private_key: Path | None = args.kek_private_key
     if args.skr:
         if kek_private_key is not None:
-            raise UsageError("--skr and --kek-private-key are two different key sources; "
-                             "give one")
+            raise UsageError("--skr and --kek-private-key are two different key sources; give one")
         if cfg.skr_tool is not None:
             return keywrap.CompatUnwrapper(cfg.skr_tool, cfg)
         return keywrap.SkrUnwrapper(cfg)
@@ -186,8 +229,7 @@ def unseal_command(args: argparse.Namespace) -> int:
         else:
             written = _unseal_tutorial(pkg_dir, args.dest, max_bytes, unwrapper, progress)
             what = f"the tutorial archive ({human_bytes(written)})"
-    LOG.info("unsealed %s from %s into %s in %.1f s", what, pkg_dir, args.dest,
-             progress.elapsed_s)
+    LOG.info("unsealed %s from %s into %s in %.1f s", what, pkg_dir, args.dest, progress.elapsed_s)
     return 0
 
 

@@ -55,8 +55,17 @@ MAX_CHUNKS = 1 << 64
 
 _TOP_KEYS = frozenset(
     {
-        "version", "cipher", "kdf", "chunk_size", "salt", "key_id", "wrap", "wrapped_dek",
-        "created", "chunk_count", "manifest",
+        "version",
+        "cipher",
+        "kdf",
+        "chunk_size",
+        "salt",
+        "key_id",
+        "wrap",
+        "wrapped_dek",
+        "created",
+        "chunk_count",
+        "manifest",
     }
 )
 
@@ -323,9 +332,7 @@ def validate(header: Header, *, max_bytes: int | None = None) -> None:
         seen.add(rel)
     expected = chunk_count(header.files, header.chunk_size)
     if expected >= MAX_CHUNKS or header.chunk_count != expected:
-        raise _invalid(
-            f"'chunk_count' is {header.chunk_count}, the manifest needs {expected}"
-        )
+        raise _invalid(f"'chunk_count' is {header.chunk_count}, the manifest needs {expected}")
     total = header.total_size
     if max_bytes is not None and total > max_bytes:
         raise SizeLimitError(

@@ -309,6 +309,10 @@ class CompatUnwrapper:
 
         key = _configured_key(self._cfg, key_id)
         if is_fingerprint(key_id):
-            LOG.warning("the package was sealed offline for %s; AzureAttestSKR unwraps it with "
-                        "%s and nothing checks that they are the same key", key_id, key)
+            LOG.warning(
+                "the package was sealed offline for %s; AzureAttestSKR unwraps it with "
+                "%s and nothing checks that they are the same key",
+                key_id,
+                key,
+            )
         return checked_dek(azureattestskr.unwrap_dek(self._tool, self._cfg, str(key), wrapped))

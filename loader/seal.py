@@ -56,7 +56,9 @@ def scan(model_dir: Path) -> ModelTree:
     try:
         top = os.stat(model_dir)
     except OSError as exc:
-        raise UsageError(f"cannot read {model_dir}: {exc.strerror}", reason=Reason.MODEL_DIR) from None
+        raise UsageError(
+            f"cannot read {model_dir}: {exc.strerror}", reason=Reason.MODEL_DIR
+        ) from None
     if not stat.S_ISDIR(top.st_mode):
         raise UsageError(f"{model_dir} is not a directory", reason=Reason.MODEL_DIR)
     directories: list[fmt.DirEntry] = []
@@ -71,7 +73,9 @@ def scan(model_dir: Path) -> ModelTree:
             with os.scandir(where) as it:
                 entries = sorted(it, key=lambda e: _sort_key(e.name))
         except OSError as exc:
-            raise UsageError(f"cannot list {where}: {exc.strerror}", reason=Reason.MODEL_DIR) from None
+            raise UsageError(
+                f"cannot list {where}: {exc.strerror}", reason=Reason.MODEL_DIR
+            ) from None
         subdirs: list[str] = []
         for entry in entries:
             rel = f"{prefix}/{entry.name}" if prefix else entry.name
@@ -137,7 +141,8 @@ def seal_model(
 
 def _changed(path: Path) -> ConfinferError:
     return ConfinferError(
-        f"{path} changed while it was being sealed", reason=Reason.MODEL_CHANGED,
+        f"{path} changed while it was being sealed",
+        reason=Reason.MODEL_CHANGED,
         hint="seal a model directory that nothing else writes to",
     )
 
@@ -233,7 +238,6 @@ def _write_chunks(
             progress.advance(ref.length)
 
     try:
-        run_chunks(layout.count, work, buffer_size=layout.chunk_size + fmt.TAG_LEN,
-                   workers=workers)
+        run_chunks(layout.count, work, buffer_size=layout.chunk_size + fmt.TAG_LEN, workers=workers)
     finally:
         sources.close_all()

@@ -39,8 +39,16 @@ STATE_ENV = "CONFINFER_TESTBED_GPU_STATE"
 MAX_GPUS = 8
 MEASUREMENT_BLOCKS = 8
 MEASUREMENT_LABEL = b"confinfer-testbed-gpu-measurement\x00"
-GCC_FLAGS = ("-shared", "-fPIC", "-O2", "-fvisibility=hidden", "-Wall", "-Wextra",
-             "-Wl,--no-undefined", f"-Wl,-soname,{LIBRARY_NAME}")
+GCC_FLAGS = (
+    "-shared",
+    "-fPIC",
+    "-O2",
+    "-fvisibility=hidden",
+    "-Wall",
+    "-Wextra",
+    "-Wl,--no-undefined",
+    f"-Wl,-soname,{LIBRARY_NAME}",
+)
 
 
 class GpuError(Exception):
@@ -77,8 +85,10 @@ class GpuState:
             (0 <= self.tamper <= MEASUREMENT_BLOCKS, f"tamper must be 0..{MEASUREMENT_BLOCKS}"),
             (self.setter in ("root", "any"), "setter must be root or any"),
             (len(self.uuids) <= MAX_GPUS, f"at most {MAX_GPUS} uuids"),
-            (all(u.startswith("GPU-") and "," not in u for u in self.uuids),
-             "uuids must look like GPU-<uuid>"),
+            (
+                all(u.startswith("GPU-") and "," not in u for u in self.uuids),
+                "uuids must look like GPU-<uuid>",
+            ),
             (0 < len(self.driver) < 80, "driver must be 1..79 characters"),
             (0 < len(self.vbios) < 32, "vbios must be 1..31 characters"),
             (0 < len(self.name) < 96, "name must be 1..95 characters"),
@@ -124,25 +134,30 @@ class GpuState:
                 continue
             key, sep, value = (p.strip() for p in line.partition("="))
             if not sep:
-                raise GpuError(f"state line {number}: expected key=value",
-                               reason="gpu-state-invalid")
+                raise GpuError(
+                    f"state line {number}: expected key=value", reason="gpu-state-invalid"
+                )
             if key in switches:
                 if value not in switches[key]:
-                    raise GpuError(f"state line {number}: {key} must be on or off",
-                                   reason="gpu-state-invalid")
+                    raise GpuError(
+                        f"state line {number}: {key} must be on or off", reason="gpu-state-invalid"
+                    )
                 values[key] = value == "on"
             elif key in numbers:
                 if not value.isdigit() or int(value) > numbers[key]:
-                    raise GpuError(f"state line {number}: {key} must be 0..{numbers[key]}",
-                                   reason="gpu-state-invalid")
+                    raise GpuError(
+                        f"state line {number}: {key} must be 0..{numbers[key]}",
+                        reason="gpu-state-invalid",
+                    )
                 values[key] = bool(int(value)) if numbers[key] == 1 else int(value)
             elif key == "uuids":
                 values[key] = tuple(u for u in value.split(",") if u)
             elif key in ("env", "driver", "vbios", "name", "multigpu", "setter"):
                 values[key] = value
             else:
-                raise GpuError(f"state line {number}: unknown key {key!r}",
-                               reason="gpu-state-invalid")
+                raise GpuError(
+                    f"state line {number}: unknown key {key!r}", reason="gpu-state-invalid"
+                )
         return cls(**values)
 
     def with_changes(self, **changes: Any) -> GpuState:
@@ -207,8 +222,9 @@ def apply_action(state_file: Path, action: str) -> GpuState:
     try:
         changes = ACTIONS[action]
     except KeyError:
-        raise GpuError(f"unknown GPU action {action!r}; expected one of {', '.join(ACTIONS)}",
-                       reason="usage") from None
+        raise GpuError(
+            f"unknown GPU action {action!r}; expected one of {', '.join(ACTIONS)}", reason="usage"
+        ) from None
     return update_state(state_file, **changes)
 
 
@@ -255,8 +271,9 @@ def build_library(out_dir: Path, *, source_dir: Path = SOURCE_DIR) -> Path:
         return target
     gcc = shutil.which("gcc")
     if gcc is None:
-        raise GpuError("gcc not found on PATH; the fake NVML is built from C source",
-                       reason="gpu-build-failed")
+        raise GpuError(
+            "gcc not found on PATH; the fake NVML is built from C source", reason="gpu-build-failed"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{LIBRARY_NAME}.{os.getpid()}.tmp"
     argv = [gcc, *GCC_FLAGS, "-o", str(tmp), *map(str, sources), "-lcrypto"]
@@ -333,8 +350,11 @@ def _write_pki(gpu: FakeGpu) -> None:
 def write_reference(gpu: FakeGpu) -> None:
     """(Re)write the golden measurements for the state's current driver and VBIOS."""
     state = gpu.state()
-    data = {"driver": state.driver, "vbios": state.vbios,
-            "measurements": reference_measurements(state.driver, state.vbios)}
+    data = {
+        "driver": state.driver,
+        "vbios": state.vbios,
+        "measurements": reference_measurements(state.driver, state.vbios),
+    }
     gpu.reference.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 

@@ -53,8 +53,11 @@ NV_MAX_SIZE = 2048  # the largest NV index this libtpms allows; the report must 
 
 _HEADER = struct.Struct("<4sIII I12x")
 _VAR_HEADER = struct.Struct("<IIIII")
-_HASHES = {HASH_TYPE_SHA256: hashlib.sha256, HASH_TYPE_SHA384: hashlib.sha384,
-           HASH_TYPE_SHA512: hashlib.sha512}
+_HASHES = {
+    HASH_TYPE_SHA256: hashlib.sha256,
+    HASH_TYPE_SHA384: hashlib.sha384,
+    HASH_TYPE_SHA512: hashlib.sha512,
+}
 
 assert _HEADER.size == HEADER_SIZE  # noqa: S101 - layout self-check at import
 assert HW_REPORT_OFFSET + HW_REPORT_SIZE == VAR_HEADER_OFFSET  # noqa: S101
@@ -98,12 +101,16 @@ class HclReport:
                 HCL_SIGNATURE, self.version, self.report_size, self.request_type, self.status
             )
             var_header = _VAR_HEADER.pack(
-                VAR_HEADER_SIZE + var_size, self.var_version, self.report_type, self.hash_type,
+                VAR_HEADER_SIZE + var_size,
+                self.var_version,
+                self.report_type,
+                self.hash_type,
                 var_size,
             )
         except struct.error as exc:
-            raise HclReportError(f"HCL report field out of range: {exc}",
-                                 reason="hcl-field") from exc
+            raise HclReportError(
+                f"HCL report field out of range: {exc}", reason="hcl-field"
+            ) from exc
         return header + self.hw_report + var_header + self.runtime_data
 
 
@@ -153,8 +160,9 @@ def report_data_binding(runtime_data: bytes, hash_type: int = HASH_TYPE_SHA256) 
     try:
         digest = _HASHES[hash_type](runtime_data).digest()
     except KeyError:
-        raise HclReportError(f"unknown report_data_hash_type {hash_type}",
-                             reason="hcl-hash-type") from None
+        raise HclReportError(
+            f"unknown report_data_hash_type {hash_type}", reason="hcl-hash-type"
+        ) from None
     return digest.ljust(64, b"\0")
 
 
@@ -172,8 +180,13 @@ def runtime_claims(ak_public: rsa.RSAPublicKey, vm_id: str, user_data: bytes | N
     exponent = numbers.e.to_bytes((numbers.e.bit_length() + 7) // 8, "big")
     claims: dict[str, object] = {
         "keys": [
-            {"kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA", "e": _b64url(exponent),
-             "n": _b64url(modulus)}
+            {
+                "kid": "HCLAkPub",
+                "key_ops": ["sign"],
+                "kty": "RSA",
+                "e": _b64url(exponent),
+                "n": _b64url(modulus),
+            }
         ],
         "vm-configuration": {
             "console-enabled": False,

@@ -17,8 +17,7 @@ from aiohttp.typedefs import Handler, Middleware
 from testbed.faults import Faults
 
 
-def middleware(faults: Faults | None, service: str,
-               error_body: Callable[[int], Any]) -> Middleware:
+def middleware(faults: Faults | None, service: str, error_body: Callable[[int], Any]) -> Middleware:
     """A middleware that consults ``faults`` for ``service`` on every request."""
 
     @web.middleware
@@ -34,8 +33,7 @@ def middleware(faults: Faults | None, service: str,
             raise web.HTTPServiceUnavailable()  # never reaches the client: the socket is gone
         if fault.status is not None:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after else None
-            return web.json_response(error_body(fault.status), status=fault.status,
-                                     headers=headers)
+            return web.json_response(error_body(fault.status), status=fault.status, headers=headers)
         return await handler(request)
 
     return apply_faults

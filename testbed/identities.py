@@ -56,23 +56,36 @@ class Identities:
     path: Path | None = field(default=None, compare=False)  # where it was loaded from / saved
 
     @classmethod
-    def create(cls, *, vm_name: str = "confinfer-vm", resource_group: str = "confinfer-rg",
-               tenant_id: str | None = None) -> Identities:
+    def create(
+        cls,
+        *,
+        vm_name: str = "confinfer-vm",
+        resource_group: str = "confinfer-rg",
+        tenant_id: str | None = None,
+    ) -> Identities:
         tenant = tenant_id or str(uuid.uuid4())
         sub = str(uuid.uuid4())
         rg_id = f"/subscriptions/{sub}/resourcegroups/{resource_group}"
         system = Identity(
-            name="system", client_id=str(uuid.uuid4()), object_id=str(uuid.uuid4()),
+            name="system",
+            client_id=str(uuid.uuid4()),
+            object_id=str(uuid.uuid4()),
             principal_name=vm_name,
             resource_id=f"{rg_id}/providers/Microsoft.Compute/virtualMachines/{vm_name}",
-            system_assigned=True, roles=(CRYPTO_OFFICER, RELEASE_USER),
+            system_assigned=True,
+            roles=(CRYPTO_OFFICER, RELEASE_USER),
         )
         noroles = Identity(
-            name="noroles", client_id=str(uuid.uuid4()), object_id=str(uuid.uuid4()),
+            name="noroles",
+            client_id=str(uuid.uuid4()),
+            object_id=str(uuid.uuid4()),
             principal_name="confinfer-noroles",
-            resource_id=(f"{rg_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
-                         "confinfer-noroles"),
-            system_assigned=False, roles=(),
+            resource_id=(
+                f"{rg_id}/providers/Microsoft.ManagedIdentity/userAssignedIdentities/"
+                "confinfer-noroles"
+            ),
+            system_assigned=False,
+            roles=(),
         )
         return cls(tenant, sub, resource_group, vm_name, (system, noroles))
 
@@ -87,8 +100,13 @@ class Identities:
                 return member
         raise KeyError(name)
 
-    def select(self, *, client_id: str | None = None, object_id: str | None = None,
-               msi_res_id: str | None = None) -> Identity | None:
+    def select(
+        self,
+        *,
+        client_id: str | None = None,
+        object_id: str | None = None,
+        msi_res_id: str | None = None,
+    ) -> Identity | None:
         """The identity an IMDS token request names; the default one when it names none."""
         if client_id is None and object_id is None and msi_res_id is None:
             return self.default
@@ -111,8 +129,10 @@ class Identities:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "tenant_id": self.tenant_id, "subscription_id": self.subscription_id,
-            "resource_group": self.resource_group, "vm_name": self.vm_name,
+            "tenant_id": self.tenant_id,
+            "subscription_id": self.subscription_id,
+            "resource_group": self.resource_group,
+            "vm_name": self.vm_name,
             "identities": [m.to_json() for m in self.members],
         }
 
@@ -122,8 +142,14 @@ class Identities:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, path)
-        return Identities(self.tenant_id, self.subscription_id, self.resource_group,
-                          self.vm_name, self.members, path)
+        return Identities(
+            self.tenant_id,
+            self.subscription_id,
+            self.resource_group,
+            self.vm_name,
+            self.members,
+            path,
+        )
 
     @classmethod
     def load(cls, state_dir: Path) -> Identities:
@@ -132,8 +158,14 @@ class Identities:
         members = tuple(Identity.from_json(m) for m in data["identities"])
         if sum(m.system_assigned for m in members) != 1:
             raise ValueError(f"{path}: expected exactly one system-assigned identity")
-        return cls(data["tenant_id"], data["subscription_id"], data["resource_group"],
-                   data["vm_name"], members, path)
+        return cls(
+            data["tenant_id"],
+            data["subscription_id"],
+            data["resource_group"],
+            data["vm_name"],
+            members,
+            path,
+        )
 
     @classmethod
     def load_or_create(cls, state_dir: Path) -> Identities:

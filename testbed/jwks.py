@@ -64,8 +64,14 @@ def x5t(cert: x509.Certificate) -> str:
     return b64url(hashlib.sha1(der, usedforsecurity=False).digest())
 
 
-def sign(claims: Mapping[str, Any], pair: Pair, *, x5c: Sequence[Pair] = (),
-         kid: str | None = None, extra_header: Mapping[str, Any] | None = None) -> str:
+def sign(
+    claims: Mapping[str, Any],
+    pair: Pair,
+    *,
+    x5c: Sequence[Pair] = (),
+    kid: str | None = None,
+    extra_header: Mapping[str, Any] | None = None,
+) -> str:
     """A compact RS256 JWS over ``claims`` signed by ``pair``'s key."""
     if not isinstance(pair.key, rsa.RSAPrivateKey):
         raise TypeError("RS256 needs an RSA key")
@@ -92,8 +98,14 @@ def unverified_claims(token: str) -> dict[str, Any]:
     return dict(claims)
 
 
-def verify(token: str, keys: Mapping[str, rsa.RSAPublicKey], *, issuer: str | None = None,
-           audience: str | Sequence[str] | None = None, leeway_s: int = 60) -> dict[str, Any]:
+def verify(
+    token: str,
+    keys: Mapping[str, rsa.RSAPublicKey],
+    *,
+    issuer: str | None = None,
+    audience: str | Sequence[str] | None = None,
+    leeway_s: int = 60,
+) -> dict[str, Any]:
     """The verified claims of an RS256 ``token`` whose header ``kid`` names one of ``keys``."""
     header = unverified_header(token)
     if header.get("alg") != "RS256":
@@ -103,8 +115,15 @@ def verify(token: str, keys: Mapping[str, rsa.RSAPublicKey], *, issuer: str | No
         raise TokenError("unknown-kid", f"token kid {kid!r} names no signing key of the issuer")
     options: jwt.types.Options = {"require": ["exp", "iss"], "verify_aud": audience is not None}
     try:
-        claims = jwt.decode(token, keys[kid], algorithms=["RS256"], issuer=issuer,
-                            audience=audience, leeway=leeway_s, options=options)
+        claims = jwt.decode(
+            token,
+            keys[kid],
+            algorithms=["RS256"],
+            issuer=issuer,
+            audience=audience,
+            leeway=leeway_s,
+            options=options,
+        )
     except jwt.ExpiredSignatureError:
         raise TokenError("expired", "token has expired (exp is in the past)") from None
     except jwt.ImmatureSignatureError:
@@ -141,16 +160,19 @@ def verify_chain(chain: Sequence[x509.Certificate], roots: Sequence[x509.Certifi
     now = dt.datetime.now(dt.UTC)
     for cert in chain:
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise TokenError("untrusted-chain", f"certificate {cert.subject.rfc4514_string()!r} "
-                                                "is outside its validity period")
+            raise TokenError(
+                "untrusted-chain",
+                f"certificate {cert.subject.rfc4514_string()!r} is outside its validity period",
+            )
     current, rest = chain[0], list(chain[1:])
     while True:
         if any(current == root or _issued_by(current, root) for root in roots):
             return
         if not rest or not _issued_by(current, rest[0]):
-            raise TokenError("untrusted-chain",
-                             f"x5c of {chain[0].subject.rfc4514_string()!r} does not lead to a "
-                             "trusted root")
+            raise TokenError(
+                "untrusted-chain",
+                f"x5c of {chain[0].subject.rfc4514_string()!r} does not lead to a trusted root",
+            )
         current = rest.pop(0)
 
 
@@ -170,8 +192,9 @@ def signing_keys(jwks: Any, roots: Sequence[x509.Certificate]) -> dict[str, rsa.
         if not isinstance(kid, str) or not isinstance(x5c, list) or not x5c:
             raise TokenError("metadata", "JWKS entry lacks 'kid' or 'x5c'")
         try:
-            chain = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True))
-                     for c in x5c]
+            chain = [
+                x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c
+            ]
         except (ValueError, TypeError):
             raise TokenError("metadata", f"JWKS entry {kid!r}: x5c is not base64 DER") from None
         verify_chain(chain, roots)
@@ -210,7 +233,9 @@ async def _get_json(session: aiohttp.ClientSession, url: str, ssl_ctx: ssl.SSLCo
 
 
 async def fetch_signing_keys(
-    session: aiohttp.ClientSession, issuer: str, ssl_ctx: ssl.SSLContext,
+    session: aiohttp.ClientSession,
+    issuer: str,
+    ssl_ctx: ssl.SSLContext,
     roots: Sequence[x509.Certificate],
 ) -> tuple[str, dict[str, rsa.RSAPublicKey]]:
     """``(jwks_uri, kid -> key)`` for ``issuer``, from its OpenID metadata and JWKS."""

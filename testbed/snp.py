@@ -84,8 +84,15 @@ _BODY = struct.Struct(
 )
 assert _BODY.size == SIGNED_SIZE  # noqa: S101 - layout self-check at import
 _FIXED_FIELDS = {
-    "family_id": 16, "image_id": 16, "report_data": 64, "measurement": 48, "host_data": 32,
-    "id_key_digest": 48, "author_key_digest": 48, "report_id": 32, "report_id_ma": 32,
+    "family_id": 16,
+    "image_id": 16,
+    "report_data": 64,
+    "measurement": 48,
+    "host_data": 32,
+    "id_key_digest": 48,
+    "author_key_digest": 48,
+    "report_id": 32,
+    "report_id_ma": 32,
     "chip_id": 64,
 }
 
@@ -177,30 +184,51 @@ class SnpReport:
         """The signed part, bytes [0, 0x2A0)."""
         for name, size in _FIXED_FIELDS.items():
             if len(getattr(self, name)) != size:
-                raise SnpReportError(f"SNP report field {name} must be {size} bytes",
-                                     reason="snp-field")
+                raise SnpReportError(
+                    f"SNP report field {name} must be {size} bytes", reason="snp-field"
+                )
         try:
             return _BODY.pack(
-                self.version, self.guest_svn, self.policy, self.family_id, self.image_id,
-                self.vmpl, self.signature_algo, self.current_tcb.to_u64(), self.platform_info,
-                self.key_info, self.report_data, self.measurement, self.host_data,
-                self.id_key_digest, self.author_key_digest, self.report_id, self.report_id_ma,
-                self.reported_tcb.to_u64(), self.chip_id, self.committed_tcb.to_u64(),
-                self.current_build, self.current_minor, self.current_major,
-                self.committed_build, self.committed_minor, self.committed_major,
+                self.version,
+                self.guest_svn,
+                self.policy,
+                self.family_id,
+                self.image_id,
+                self.vmpl,
+                self.signature_algo,
+                self.current_tcb.to_u64(),
+                self.platform_info,
+                self.key_info,
+                self.report_data,
+                self.measurement,
+                self.host_data,
+                self.id_key_digest,
+                self.author_key_digest,
+                self.report_id,
+                self.report_id_ma,
+                self.reported_tcb.to_u64(),
+                self.chip_id,
+                self.committed_tcb.to_u64(),
+                self.current_build,
+                self.current_minor,
+                self.current_major,
+                self.committed_build,
+                self.committed_minor,
+                self.committed_major,
                 self.launch_tcb.to_u64(),
             )
         except struct.error as exc:
-            raise SnpReportError(f"SNP report field out of range: {exc}",
-                                 reason="snp-field") from exc
+            raise SnpReportError(
+                f"SNP report field out of range: {exc}", reason="snp-field"
+            ) from exc
 
     def encode(self) -> bytes:
         """The full 0x4A0-byte report, signature area included."""
         width = SIGNATURE_COMPONENT_SIZE
         if self.signature_r >= 1 << (8 * width) or self.signature_s >= 1 << (8 * width):
             raise SnpReportError("SNP signature component too large", reason="snp-field")
-        signature = (
-            self.signature_r.to_bytes(width, "little") + self.signature_s.to_bytes(width, "little")
+        signature = self.signature_r.to_bytes(width, "little") + self.signature_s.to_bytes(
+            width, "little"
         )
         return self.body() + signature.ljust(REPORT_SIZE - SIGNED_SIZE, b"\0")
 
@@ -224,26 +252,64 @@ def parse_report(data: bytes) -> SnpReport:
             f"SNP report must be {REPORT_SIZE} bytes, got {len(data)}", reason="snp-size"
         )
     (
-        version, guest_svn, policy, family_id, image_id, vmpl, signature_algo, current_tcb,
-        platform_info, key_info, report_data, measurement, host_data, id_key_digest,
-        author_key_digest, report_id, report_id_ma, reported_tcb, chip_id, committed_tcb,
-        current_build, current_minor, current_major, committed_build, committed_minor,
-        committed_major, launch_tcb,
+        version,
+        guest_svn,
+        policy,
+        family_id,
+        image_id,
+        vmpl,
+        signature_algo,
+        current_tcb,
+        platform_info,
+        key_info,
+        report_data,
+        measurement,
+        host_data,
+        id_key_digest,
+        author_key_digest,
+        report_id,
+        report_id_ma,
+        reported_tcb,
+        chip_id,
+        committed_tcb,
+        current_build,
+        current_minor,
+        current_major,
+        committed_build,
+        committed_minor,
+        committed_major,
+        launch_tcb,
     ) = _BODY.unpack_from(data)
     width = SIGNATURE_COMPONENT_SIZE
     sig = data[SIGNATURE_OFFSET:]
     return SnpReport(
-        version=version, guest_svn=guest_svn, policy=policy, family_id=family_id,
-        image_id=image_id, vmpl=vmpl, signature_algo=signature_algo,
-        current_tcb=TcbVersion.from_u64(current_tcb), platform_info=platform_info,
-        key_info=key_info, report_data=report_data, measurement=measurement,
-        host_data=host_data, id_key_digest=id_key_digest, author_key_digest=author_key_digest,
-        report_id=report_id, report_id_ma=report_id_ma,
-        reported_tcb=TcbVersion.from_u64(reported_tcb), chip_id=chip_id,
-        committed_tcb=TcbVersion.from_u64(committed_tcb), current_build=current_build,
-        current_minor=current_minor, current_major=current_major,
-        committed_build=committed_build, committed_minor=committed_minor,
-        committed_major=committed_major, launch_tcb=TcbVersion.from_u64(launch_tcb),
+        version=version,
+        guest_svn=guest_svn,
+        policy=policy,
+        family_id=family_id,
+        image_id=image_id,
+        vmpl=vmpl,
+        signature_algo=signature_algo,
+        current_tcb=TcbVersion.from_u64(current_tcb),
+        platform_info=platform_info,
+        key_info=key_info,
+        report_data=report_data,
+        measurement=measurement,
+        host_data=host_data,
+        id_key_digest=id_key_digest,
+        author_key_digest=author_key_digest,
+        report_id=report_id,
+        report_id_ma=report_id_ma,
+        reported_tcb=TcbVersion.from_u64(reported_tcb),
+        chip_id=chip_id,
+        committed_tcb=TcbVersion.from_u64(committed_tcb),
+        current_build=current_build,
+        current_minor=current_minor,
+        current_major=current_major,
+        committed_build=committed_build,
+        committed_minor=committed_minor,
+        committed_major=committed_major,
+        launch_tcb=TcbVersion.from_u64(launch_tcb),
         signature_r=int.from_bytes(sig[:width], "little"),
         signature_s=int.from_bytes(sig[width : 2 * width], "little"),
     )
@@ -298,7 +364,11 @@ def testbed_guest_report(vm_id: str, vcek_public: ec.EllipticCurvePublicKey) -> 
         reported_tcb=TESTBED_TCB,
         chip_id=hashlib.sha512(b"chip-id:" + vcek_point).digest(),
         committed_tcb=TESTBED_TCB,
-        current_build=21, current_minor=55, current_major=1,
-        committed_build=21, committed_minor=55, committed_major=1,
+        current_build=21,
+        current_minor=55,
+        current_major=1,
+        committed_build=21,
+        committed_minor=55,
+        committed_major=1,
         launch_tcb=TESTBED_TCB,
     )

@@ -59,8 +59,7 @@ def write(directory: Path, seed: int = 0) -> Path:
         json.dumps({"max_new_tokens": 16, "do_sample": False}) + "\n", "utf-8"
     )
     (directory / "tokenizer_config.json").write_text(
-        json.dumps({"model_max_length": 512, "tokenizer_class": "PreTrainedTokenizerFast"})
-        + "\n",
+        json.dumps({"model_max_length": 512, "tokenizer_class": "PreTrainedTokenizerFast"}) + "\n",
         "utf-8",
     )
     rng = random.Random(seed)  # noqa: S311 -- reproducible weights, not a secret
@@ -69,8 +68,11 @@ def write(directory: Path, seed: int = 0) -> Path:
     shapes = _tensors()
     for name, shape in shapes.items():
         count = math.prod(shape)
-        header[name] = {"dtype": "F32", "shape": list(shape),
-                        "data_offsets": [offset, offset + 4 * count]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + 4 * count],
+        }
         offset += 4 * count
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)

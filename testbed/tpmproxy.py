@@ -140,7 +140,9 @@ class ReportPublisher:
 
     def build(self, user_data: bytes | None) -> bytes:
         return hcl.build_hcl_report(
-            ak_public=self.ak_public, vm_id=self.vm_id, vcek_key=self._vcek_key,
+            ak_public=self.ak_public,
+            vm_id=self.vm_id,
+            vcek_key=self._vcek_key,
             user_data=user_data,
         )
 
@@ -182,8 +184,7 @@ class TpmProxy:
         )
         # TPM2B_NV_PUBLIC: size, nvIndex, nameAlg, attributes, authPolicy (TPM2B), dataSize
         offset = HEADER_SIZE + 2
-        nv_index, _name_alg, attributes, policy_size = struct.unpack_from(">IHIH", response,
-                                                                          offset)
+        nv_index, _name_alg, attributes, policy_size = struct.unpack_from(">IHIH", response, offset)
         offset += 12 + policy_size
         (size,) = struct.unpack_from(">H", response, offset)
         return NvPublic(nv_index, attributes, size)
@@ -208,8 +209,9 @@ class TpmProxy:
         for offset in range(0, len(data), NV_CHUNK):
             chunk = data[offset : offset + NV_CHUNK]
             params = struct.pack(">H", len(chunk)) + chunk + struct.pack(">H", offset)
-            self._call(_command(TPM_CC_NV_WRITE, (auth_handle, index), params, auth=True),
-                       "NV_Write")
+            self._call(
+                _command(TPM_CC_NV_WRITE, (auth_handle, index), params, auth=True), "NV_Write"
+            )
 
     # -- client traffic ---------------------------------------------------------------------
 
@@ -225,23 +227,31 @@ class TpmProxy:
         try:
             public = self.nv_read_public(USER_DATA_INDEX)
             if public.size != hcl.USER_DATA_SIZE:
-                log.warning("user data index holds %d bytes, not %d: report not refreshed",
-                            public.size, hcl.USER_DATA_SIZE)
+                log.warning(
+                    "user data index holds %d bytes, not %d: report not refreshed",
+                    public.size,
+                    hcl.USER_DATA_SIZE,
+                )
                 return
             if public.attributes & TPMA_NV_OWNERREAD:
                 auth_handle = TPM_RH_OWNER
             elif public.attributes & TPMA_NV_AUTHREAD:
                 auth_handle = USER_DATA_INDEX
             else:
-                log.warning("user data index is neither owner- nor auth-readable: "
-                            "report not refreshed")
+                log.warning(
+                    "user data index is neither owner- nor auth-readable: report not refreshed"
+                )
                 return
             user_data = self.nv_read(USER_DATA_INDEX, auth_handle, public.size)
             report = self.publisher.build(user_data)
             target = self.nv_read_public(HCL_REPORT_INDEX)
             if len(report) > target.size:
-                log.warning("new report (%d bytes) exceeds the report index (%d bytes): "
-                            "report not refreshed", len(report), target.size)
+                log.warning(
+                    "new report (%d bytes) exceeds the report index (%d bytes): "
+                    "report not refreshed",
+                    len(report),
+                    target.size,
+                )
                 return
             self.nv_write(HCL_REPORT_INDEX, TPM_RH_OWNER, report.ljust(target.size, b"\0"))
             log.info("HCL report refreshed with new user data (%d bytes used)", len(report))
@@ -346,8 +356,9 @@ def serve(proxy: TpmProxy, data_listener: socket.socket, ctrl_listener: socket.s
 
 def _load_config(text: str) -> tuple[Upstream, ReportPublisher, str]:
     config = json.loads(text)
-    upstream = Upstream(config["upstream_host"], int(config["upstream_port"]),
-                        int(config["upstream_ctrl_port"]))
+    upstream = Upstream(
+        config["upstream_host"], int(config["upstream_port"]), int(config["upstream_ctrl_port"])
+    )
     ak_public = serialization.load_pem_public_key(config["ak_public_pem"].encode())
     vcek_key = serialization.load_pem_private_key(config["vcek_key_pem"].encode(), password=None)
     if not isinstance(ak_public, rsa.RSAPublicKey):
@@ -363,8 +374,11 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="tpmproxy[%(process)d]: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="tpmproxy[%(process)d]: %(levelname)s %(message)s",
+    )
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         upstream, publisher, host = _load_config(sys.stdin.read())
@@ -378,8 +392,13 @@ def main() -> int:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())  # nobody reads stdout after the ready line
     os.close(devnull)
-    log.info("listening on %s:%d (+1 control), swtpm at %s:%d", host,
-             data_listener.getsockname()[1], upstream.host, upstream.port)
+    log.info(
+        "listening on %s:%d (+1 control), swtpm at %s:%d",
+        host,
+        data_listener.getsockname()[1],
+        upstream.host,
+        upstream.port,
+    )
     try:
         serve(proxy, data_listener, ctrl_listener)
     except SystemExit:

@@ -32,11 +32,18 @@ def confinfer_command(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "confinfer", *map(str, args)]
 
 
-def run_confinfer(*args: str | Path, env: dict[str, str] | None = None,
-                  timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+def run_confinfer(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = CLI_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
     """Run ``confinfer ARGS...`` to completion (``env`` replaces the environment when given)."""
-    return subprocess.run(confinfer_command(*args), capture_output=True, text=True,
-                          timeout=timeout, env=env, check=False)
+    return subprocess.run(
+        confinfer_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], reason: str) -> None:
@@ -56,16 +63,18 @@ def _has_started(started: Callable[[], bool]) -> bool:
         return False
 
 
-def interrupt_midway(argv: Sequence[str | Path], started: Callable[[], bool],
-                     timeout: float = 60) -> tuple[int, str]:
+def interrupt_midway(
+    argv: Sequence[str | Path], started: Callable[[], bool], timeout: float = 60
+) -> tuple[int, str]:
     """Run ``confinfer ARGV...``, wait until ``started()`` is true (a ``FileNotFoundError`` from
     it counts as not yet), send SIGTERM and return the exit status and stderr.
 
     Fails the test if the command never started within ``timeout`` seconds, or finished before
     it could be interrupted. The process is killed on the way out whatever happened.
     """
-    proc = subprocess.Popen(confinfer_command(*argv), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        confinfer_command(*argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + timeout
         while proc.poll() is None and not _has_started(started):
@@ -86,8 +95,12 @@ def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
     """Create ``where`` and mount a tmpfs of ``size`` (``mount -o size=``) on it; skips the test
     when the mount fails. Unmounted on the way out."""
     where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:

@@ -54,8 +54,9 @@ def jwk_int(value: int) -> str:
     return b64url(value.to_bytes((value.bit_length() + 7) // 8, "big"))
 
 
-def tpm_public(key: rsa.RSAPrivateKey, template: str, attrs: str,
-               auth_policy: bytes = b"") -> TPM2B_PUBLIC:
+def tpm_public(
+    key: rsa.RSAPrivateKey, template: str, attrs: str, auth_policy: bytes = b""
+) -> TPM2B_PUBLIC:
     pub = TPM2B_PUBLIC.parse(template, objectAttributes=attrs)
     numbers = key.public_key().public_numbers()
     pub.publicArea.unique.rsa = numbers.n.to_bytes(key.key_size // 8, "big")
@@ -150,8 +151,9 @@ class GuestForge:
         return cls(trust, ak_key, ak_cert, rsa_key(), Chip.of(trust), pcrs)
 
     def copy(self, **changes: Any) -> GuestForge:
-        return replace(self, pcrs=dict(self.pcrs), report_changes=dict(self.report_changes),
-                       **changes)
+        return replace(
+            self, pcrs=dict(self.pcrs), report_changes=dict(self.report_changes), **changes
+        )
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -168,23 +170,36 @@ class GuestForge:
         values = self.quote_pcrs if self.quote_pcrs is not None else self.pcrs
         selection = TPML_PCR_SELECTION.parse("sha256:" + ",".join(str(i) for i in sorted(values)))
         digest = hashlib.sha256(b"".join(values[i] for i in sorted(values))).digest()
-        info = TPMU_ATTEST(quote=TPMS_QUOTE_INFO(pcrSelect=selection,
-                                                 pcrDigest=TPM2B_DIGEST(digest)))
+        info = TPMU_ATTEST(
+            quote=TPMS_QUOTE_INFO(pcrSelect=selection, pcrDigest=TPM2B_DIGEST(digest))
+        )
         return attest(TPM2_ST.ATTEST_QUOTE, info, tpm_name(self.ak_public()))
 
     def certify_info(self) -> bytes:
         name = self.certify_name if self.certify_name is not None else tpm_name(self.enc_public())
-        info = TPMU_ATTEST(certify=TPMS_CERTIFY_INFO(name=TPM2B_NAME(name),
-                                                     qualifiedName=TPM2B_NAME(name)))
+        info = TPMU_ATTEST(
+            certify=TPMS_CERTIFY_INFO(name=TPM2B_NAME(name), qualifiedName=TPM2B_NAME(name))
+        )
         return attest(TPM2_ST.ATTEST_CERTIFY, info, tpm_name(self.ak_public()))
 
     def runtime(self) -> bytes:
         ak = (self.hcl_ak or self.ak_key.public_key()).public_numbers()
         doc = {
-            "keys": [{"kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA",
-                      "e": jwk_int(ak.e), "n": jwk_int(ak.n)}],
-            "vm-configuration": {"console-enabled": False, "secure-boot": True,
-                                 "tpm-enabled": True, "vmUniqueId": self.vm_id},
+            "keys": [
+                {
+                    "kid": "HCLAkPub",
+                    "key_ops": ["sign"],
+                    "kty": "RSA",
+                    "e": jwk_int(ak.e),
+                    "n": jwk_int(ak.n),
+                }
+            ],
+            "vm-configuration": {
+                "console-enabled": False,
+                "secure-boot": True,
+                "tpm-enabled": True,
+                "vmUniqueId": self.vm_id,
+            },
             "user-data": "00" * 64,
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -195,8 +210,11 @@ class GuestForge:
             report_data = hashlib.sha256(runtime).digest() + bytes(32)
         vcek_public = self.chip.vcek.cert.public_key()
         assert isinstance(vcek_public, ec.EllipticCurvePublicKey)
-        report = replace(snp.testbed_guest_report(self.vm_id, vcek_public),
-                         report_data=report_data, **self.report_changes)
+        report = replace(
+            snp.testbed_guest_report(self.vm_id, vcek_public),
+            report_data=report_data,
+            **self.report_changes,
+        )
         signer = self.report_signer or self.chip.vcek.key
         assert isinstance(signer, ec.EllipticCurvePrivateKey)
         return report.signed(signer).encode()
@@ -208,8 +226,10 @@ class GuestForge:
         runtime = self.runtime()
         python = self.style == "python"
         chain = self.chip.chain_pem()
-        proof = {"SnpReport": b64url(self.snp_report(runtime)),
-                 "VcekCertChain": b64url(chain.encode()) if python else chain}
+        proof = {
+            "SnpReport": b64url(self.snp_report(runtime)),
+            "VcekCertChain": b64url(chain.encode()) if python else chain,
+        }
         proof_raw = json.dumps(proof).encode()
         payload: dict[str, str] | None = None
         if self.client_payload is not None:

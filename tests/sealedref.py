@@ -42,17 +42,27 @@ def write_pem(directory: Path, n: int = 0) -> tuple[Path, Path]:
     key = kek(n)
     private = directory / f"kek{n}.pem"
     public = directory / f"kek{n}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                          serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
     return private, public
 
 
 def fingerprint(n: int = 0) -> str:
-    der = kek(n).public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = (
+        kek(n)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return "sha256:" + hashlib.sha256(der).hexdigest()
 
 
@@ -81,13 +91,16 @@ class Spec:
     def pieces(self) -> list[bytes]:
         out = []
         for data in self.files.values():
-            out += [data[i:i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
+            out += [data[i : i + self.chunk_size] for i in range(0, len(data), self.chunk_size)]
         return out or [b""]
 
     def header(self) -> dict[str, Any]:
         wrapped = kek(self.kek_n).public_key().encrypt(self.dek, OAEP)
         return {
-            "version": 1, "cipher": "AES-256-GCM", "kdf": "HKDF-SHA256", "wrap": "RSA-OAEP-256",
+            "version": 1,
+            "cipher": "AES-256-GCM",
+            "kdf": "HKDF-SHA256",
+            "wrap": "RSA-OAEP-256",
             "chunk_size": self.chunk_size,
             "salt": base64.b64encode(self.salt).decode(),
             "key_id": self.key_id or fingerprint(self.kek_n),
@@ -95,10 +108,13 @@ class Spec:
             "created": self.created,
             "chunk_count": len(self.pieces()),
             "manifest": {
-                "directories": [{"path": d, "mode": self.modes.get(d, 0o755)}
-                                for d in self.directories],
-                "files": [{"path": p, "size": len(b), "mode": self.modes.get(p, 0o644)}
-                          for p, b in self.files.items()],
+                "directories": [
+                    {"path": d, "mode": self.modes.get(d, 0o755)} for d in self.directories
+                ],
+                "files": [
+                    {"path": p, "size": len(b), "mode": self.modes.get(p, 0o644)}
+                    for p, b in self.files.items()
+                ],
             },
         }
 
@@ -121,7 +137,7 @@ def read(data: bytes, private_key: rsa.RSAPrivateKey) -> tuple[dict[str, Any], d
     """Decrypt a whole package held in memory: (header object, {path: bytes})."""
     assert data[:8] == MAGIC
     hlen = int.from_bytes(data[8:12], "big")
-    prefix, tag = data[:12 + hlen], data[12 + hlen:28 + hlen]
+    prefix, tag = data[: 12 + hlen], data[12 + hlen : 28 + hlen]
     header = json.loads(prefix[12:])
     dek = private_key.decrypt(base64.b64decode(header["wrapped_dek"]), OAEP)
     gcm = AESGCM(chunk_key(dek, base64.b64decode(header["salt"])))
@@ -134,12 +150,13 @@ def read(data: bytes, private_key: rsa.RSAPrivateKey) -> tuple[dict[str, Any], d
         parts = []
         for start in range(0, entry["size"], cs):
             n = min(cs, entry["size"] - start)
-            parts.append(gcm.decrypt(nonce(index, index == count - 1), data[pos:pos + n + 16],
-                                     aad))
+            parts.append(
+                gcm.decrypt(nonce(index, index == count - 1), data[pos : pos + n + 16], aad)
+            )
             pos, index = pos + n + 16, index + 1
         files[entry["path"]] = b"".join(parts)
     if index == 0:
-        gcm.decrypt(nonce(0, True), data[pos:pos + 16], aad)
+        gcm.decrypt(nonce(0, True), data[pos : pos + 16], aad)
         pos, index = pos + 16, 1
     assert index == count and pos == len(data)
     return header, files

@@ -60,9 +60,7 @@ def make_archive(model_dir: Path, work: Path) -> bytes:
 def files_of(root: Path) -> dict[str, bytes]:
     """Every regular file below ``root`` by its POSIX path relative to ``root``, with its bytes:
     what an unseal wrote, to compare with the model it came from."""
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()
-    }
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def build_tar(

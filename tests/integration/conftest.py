@@ -43,13 +43,21 @@ class RunningTestbed:
         return run_cli(command, "--dir", str(self.dir), *args, check=check)
 
 
-def run_cli(*argv: str, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "testbed", *argv], capture_output=True,
-                          text=True, timeout=CLI_TIMEOUT_S, check=False, env=env)
+def run_cli(
+    *argv: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "testbed", *argv],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        check=False,
+        env=env,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"python -m testbed {' '.join(argv)} exited {proc.returncode}: "
-                             f"{proc.stderr.strip()}")
+        raise AssertionError(
+            f"python -m testbed {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}"
+        )
     return proc
 
 

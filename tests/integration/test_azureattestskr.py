@@ -62,9 +62,12 @@ def kek(testbed: RunningTestbed) -> rsa.RSAPublicKey:
 
 
 def _get_key(kid: KeyId, testbed: RunningTestbed, credential: Any, client_class: Any) -> Any:
-    with client_class(kid.vault_url, credential(),
-                   connection_verify=testbed.env["CONFINFER_CA_BUNDLE"],
-                   verify_challenge_resource=False) as client:
+    with client_class(
+        kid.vault_url,
+        credential(),
+        connection_verify=testbed.env["CONFINFER_CA_BUNDLE"],
+        verify_challenge_resource=False,
+    ) as client:
         return client.get_key(kid.name, version=kid.version).key
 
 
@@ -76,18 +79,29 @@ def model(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("tail", [b"", b"\0", b"\0\0\0", b"\n", b"\n\0"],
-                         ids=["plain", "one-zero", "three-zeros", "newline", "newline-zero"])
+@pytest.mark.parametrize(
+    "tail",
+    [b"", b"\0", b"\0\0\0", b"\n", b"\n\0"],
+    ids=["plain", "one-zero", "three-zeros", "newline", "newline-zero"],
+)
 def test_the_tutorial_layout_unseals_through_the_tool(
     testbed: RunningTestbed, kek: rsa.RSAPublicKey, tmp_path: Path, tail: bytes
 ) -> None:
     """DEKs ending in zero bytes (one in 256 does) come back whole."""
     src, pkg, dest = model(tmp_path), tmp_path / "pkg", tmp_path / "dest"
-    dek = (os.urandom(32 - len(tail)).replace(b"\0", b"\1") + tail)
+    dek = os.urandom(32 - len(tail)).replace(b"\0", b"\1") + tail
     write_package(pkg, make_archive(src, tmp_path), kek, dek=dek)
     before = len(runs(testbed))
-    done = run_confinfer("unseal", pkg, "--dest", dest, "--skr", "--skr-tool", tool(testbed),
-                         env=testbed.environ(SKR_TRACE_ON="1"))
+    done = run_confinfer(
+        "unseal",
+        pkg,
+        "--dest",
+        dest,
+        "--skr",
+        "--skr-tool",
+        tool(testbed),
+        env=testbed.environ(SKR_TRACE_ON="1"),
+    )
     assert done.returncode == 0, done.stderr
     assert files_of(src) == files_of(dest / src.name)
     (run,) = runs(testbed)[before:]
@@ -110,9 +124,17 @@ def test_the_managed_identity_choice_reaches_the_tool(
     client_id = testbed.env["CONFINFER_TESTBED_CLIENT_ID"]
     before = len(runs(testbed))
     done = run_confinfer(
-        "unseal", pkg, "--dest", tmp_path / "d", "--skr", "--skr-tool", tool(testbed),
-        env=testbed.environ(CONFINFER_MANAGED_IDENTITY_CLIENT_ID=client_id,
-                            CONFINFER_TPM_TCTI="swtpm:host=127.0.0.1,port=1"),
+        "unseal",
+        pkg,
+        "--dest",
+        tmp_path / "d",
+        "--skr",
+        "--skr-tool",
+        tool(testbed),
+        env=testbed.environ(
+            CONFINFER_MANAGED_IDENTITY_CLIENT_ID=client_id,
+            CONFINFER_TPM_TCTI="swtpm:host=127.0.0.1,port=1",
+        ),
     )
     assert done.returncode == 0, done.stderr
     assert "AzureAttestSKR does not take tpm_tcti" in done.stderr
@@ -127,11 +149,16 @@ def test_a_failing_tool_is_one_line_with_its_stderr_tail(
     write_package(pkg, make_archive(src, tmp_path), kek)
     testbed.cli("fault", "azureattestskr", "--status", "403")
     # Only what the tool can use: no settings it would ignore (they earn a warning line).
-    ignored = ("CONFINFER_TPM_TCTI", "CONFINFER_IMDS_URL", "CONFINFER_CA_BUNDLE",
-               "AZURE_POD_IDENTITY_AUTHORITY_HOST")
+    ignored = (
+        "CONFINFER_TPM_TCTI",
+        "CONFINFER_IMDS_URL",
+        "CONFINFER_CA_BUNDLE",
+        "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    )
     env = {k: v for k, v in testbed.environ().items() if k not in ignored}
-    done = run_confinfer("unseal", pkg, "--dest", dest, "--skr", "--skr-tool", tool(testbed),
-                         env=env)
+    done = run_confinfer(
+        "unseal", pkg, "--dest", dest, "--skr", "--skr-tool", tool(testbed), env=env
+    )
     assert_refused(done, "skr-tool-failed")
     assert "exited with status 4" in done.stderr
     # Its trace shows its tokens; they stay out of our message.
@@ -144,8 +171,13 @@ def test_a_failing_tool_is_one_line_with_its_stderr_tail(
 def test_a_hanging_tool_is_bounded(testbed: RunningTestbed, cfg_for: Any) -> None:
     testbed.cli("fault", "azureattestskr", "--latency", "30")
     with pytest.raises(ServiceError) as err:
-        azureattestskr.unwrap_dek(tool(testbed), cfg_for(testbed),
-                                  testbed.env["CONFINFER_KEY_ID"], bytes(256), timeout_s=0.5)
+        azureattestskr.unwrap_dek(
+            tool(testbed),
+            cfg_for(testbed),
+            testbed.env["CONFINFER_KEY_ID"],
+            bytes(256),
+            timeout_s=0.5,
+        )
     assert err.value.reason == Reason.SKR_TOOL_TIMEOUT
 
 

@@ -53,8 +53,16 @@ def make_model(root: Path, big: int = 3 * MiB + 7) -> Path:
 
 def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model")
-    sealed = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                           keys["public"], "--chunk-size", "1MiB")
+    sealed = run_confinfer(
+        "seal",
+        model,
+        "--out",
+        tmp_path / "pkg",
+        "--kek-public-key",
+        keys["public"],
+        "--chunk-size",
+        "1MiB",
+    )
     assert sealed.returncode == 0, sealed.stderr
     assert "sealed 4 files" in sealed.stderr and "\r" not in sealed.stderr  # no bar on a pipe
 
@@ -65,11 +73,23 @@ def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -
     assert info["header"]["chunk_count"] == 1 + 4 + 1  # config, 3 MiB + 7, tokenizer.json
     assert info["header"]["key_id"] == sealedref.fingerprint(0)
     assert {f["path"] for f in info["header"]["manifest"]["files"]} == {
-        "config.json", "model-00001.safetensors", "tokenizer/tokenizer.json", "tokenizer/empty"}
+        "config.json",
+        "model-00001.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/empty",
+    }
     assert info["structure"]["file_bytes"] == (tmp_path / "pkg/model.sealed").stat().st_size
 
-    unsealed = run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out",
-                             "--kek-private-key", keys["private"], "--max-bytes", "4M")
+    unsealed = run_confinfer(
+        "unseal",
+        tmp_path / "pkg",
+        "--dest",
+        tmp_path / "out",
+        "--kek-private-key",
+        keys["private"],
+        "--max-bytes",
+        "4M",
+    )
     assert unsealed.returncode == 0, unsealed.stderr
     assert sealedref.tree(tmp_path / "out") == sealedref.tree(model)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o700
@@ -77,8 +97,19 @@ def test_seal_inspect_unseal_round_trip(tmp_path: Path, keys: dict[str, Path]) -
 
 def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model", big=100_000)
-    assert run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                         keys["public"], "--chunk-size", "16K").returncode == 0
+    assert (
+        run_confinfer(
+            "seal",
+            model,
+            "--out",
+            tmp_path / "pkg",
+            "--kek-public-key",
+            keys["public"],
+            "--chunk-size",
+            "16K",
+        ).returncode
+        == 0
+    )
     dest = tmp_path / "dest"
 
     def unseal(pkg: Path, *extra: str | Path) -> subprocess.CompletedProcess[str]:
@@ -86,39 +117,51 @@ def test_failures_are_one_line_and_leave_nothing(tmp_path: Path, keys: dict[str,
 
     assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["other"]), "key-mismatch")
     assert not dest.exists()
-    assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["private"],
-                          "--max-bytes", "1000"), "size-limit")
+    assert_refused(
+        unseal(tmp_path / "pkg", "--kek-private-key", keys["private"], "--max-bytes", "1000"),
+        "size-limit",
+    )
     assert not dest.exists()
 
     data = bytearray((tmp_path / "pkg/model.sealed").read_bytes())
     data[-100] ^= 1
     sealedref.install(bytes(data), tmp_path / "tampered")
-    assert_refused(unseal(tmp_path / "tampered", "--kek-private-key", keys["private"]),
-                   "chunk-integrity")
+    assert_refused(
+        unseal(tmp_path / "tampered", "--kek-private-key", keys["private"]), "chunk-integrity"
+    )
     assert not dest.exists()
     sealedref.install(bytes(data[:-1]), tmp_path / "cut")
     assert_refused(run_confinfer("inspect", tmp_path / "cut"), "truncated")
 
     dest.mkdir()
     (dest / "x").write_text("keep")
-    assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["private"]),
-                   "dest-not-empty")
+    assert_refused(unseal(tmp_path / "pkg", "--kek-private-key", keys["private"]), "dest-not-empty")
     assert (dest / "x").read_text() == "keep"
     assert_refused(unseal(tmp_path / "pkg"), "no-key")
-    assert_refused(unseal(tmp_path / "model", "--kek-private-key", keys["private"]),
-                   "package-unreadable")
+    assert_refused(
+        unseal(tmp_path / "model", "--kek-private-key", keys["private"]), "package-unreadable"
+    )
 
 
 def test_seal_refuses_links_and_leaves_no_package(tmp_path: Path, keys: dict[str, Path]) -> None:
     model = make_model(tmp_path / "model", big=10)
     (model / "tokenizer/alias.json").symlink_to(model / "tokenizer/tokenizer.json")
-    result = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                           keys["public"])
+    result = run_confinfer(
+        "seal", model, "--out", tmp_path / "pkg", "--kek-public-key", keys["public"]
+    )
     assert_refused(result, "unsupported-file")
     assert "symbolic link" in result.stderr
     assert not (tmp_path / "pkg").exists()
-    bad = run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                        keys["public"], "--chunk-size", "lots")
+    bad = run_confinfer(
+        "seal",
+        model,
+        "--out",
+        tmp_path / "pkg",
+        "--kek-public-key",
+        keys["public"],
+        "--chunk-size",
+        "lots",
+    )
     assert bad.returncode == 64 and "not a size" in bad.stderr
 
 
@@ -144,16 +187,34 @@ def test_full_tmpfs_fails_cleanly(tmp_path: Path, keys: dict[str, Path]) -> None
     model.mkdir()
     (model / "a.bin").write_bytes(os.urandom(700_000))
     (model / "b.bin").write_bytes(os.urandom(700_000))
-    assert run_confinfer("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                         keys["public"], "--chunk-size", "64K").returncode == 0
+    assert (
+        run_confinfer(
+            "seal",
+            model,
+            "--out",
+            tmp_path / "pkg",
+            "--kek-public-key",
+            keys["public"],
+            "--chunk-size",
+            "64K",
+        ).returncode
+        == 0
+    )
     with small_tmpfs(tmp_path / "mnt", "1m") as mnt:
-        result = run_confinfer("unseal", tmp_path / "pkg", "--dest", mnt / "model",
-                               "--kek-private-key", keys["private"])
+        result = run_confinfer(
+            "unseal",
+            tmp_path / "pkg",
+            "--dest",
+            mnt / "model",
+            "--kek-private-key",
+            keys["private"],
+        )
         assert_refused(result, "no-space")
         assert list(mnt.iterdir()) == []
         # Unsealing into the mount point itself (an existing empty directory) empties it.
-        result = run_confinfer("unseal", tmp_path / "pkg", "--dest", mnt, "--kek-private-key",
-                               keys["private"])
+        result = run_confinfer(
+            "unseal", tmp_path / "pkg", "--dest", mnt, "--kek-private-key", keys["private"]
+        )
         assert_refused(result, "no-space")
         assert list(mnt.iterdir()) == []
 
@@ -163,9 +224,12 @@ def test_progress_line_on_a_terminal(tmp_path: Path, keys: dict[str, Path]) -> N
     controller, terminal = pty.openpty()
     try:
         proc = subprocess.Popen(
-            confinfer_command("seal", model, "--out", tmp_path / "pkg", "--kek-public-key",
-                              keys["public"]),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=terminal,
+            confinfer_command(
+                "seal", model, "--out", tmp_path / "pkg", "--kek-public-key", keys["public"]
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=terminal,
         )
         os.close(terminal)
         terminal = -1
@@ -195,9 +259,7 @@ def test_progress_line_on_a_terminal(tmp_path: Path, keys: dict[str, Path]) -> N
 # -- Key Vault (the testbed's emulator, real SDK) -----------------------------------------------
 
 
-def test_seal_with_key_vault_and_unseal_through_it(
-    tmp_path: Path, testbed: RunningTestbed
-) -> None:
+def test_seal_with_key_vault_and_unseal_through_it(tmp_path: Path, testbed: RunningTestbed) -> None:
     kid = testbed.env["CONFINFER_KEY_ID"]
     env = testbed.environ()
     model = make_model(tmp_path / "model", big=300_000)
@@ -207,14 +269,19 @@ def test_seal_with_key_vault_and_unseal_through_it(
     # Key Vault answers with the versioned key id; the package pins it.
     assert header["key_id"].startswith(kid.rstrip("/") + "/") or header["key_id"] == kid
 
-    unsealed = run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "out", "--key-id",
-                             kid, env=env)
+    unsealed = run_confinfer(
+        "unseal", tmp_path / "pkg", "--dest", tmp_path / "out", "--key-id", kid, env=env
+    )
     assert unsealed.returncode == 0, unsealed.stderr
     assert sealedref.tree(tmp_path / "out") == sealedref.tree(model)
 
     other = kid.rsplit("/keys/", 1)[0] + "/keys/another-key"
-    assert_refused(run_confinfer("unseal", tmp_path / "pkg", "--dest", tmp_path / "o2",
-                                 "--key-id", other, env=env), "key-mismatch")
+    assert_refused(
+        run_confinfer(
+            "unseal", tmp_path / "pkg", "--dest", tmp_path / "o2", "--key-id", other, env=env
+        ),
+        "key-mismatch",
+    )
     assert not (tmp_path / "o2").exists()
 
 
@@ -222,14 +289,30 @@ def test_key_vault_refusals_are_one_line(tmp_path: Path, testbed: RunningTestbed
     kid = testbed.env["CONFINFER_KEY_ID"]
     model = make_model(tmp_path / "model", big=10)
     noroles = testbed.environ(
-        CONFINFER_MANAGED_IDENTITY_CLIENT_ID=testbed.env["CONFINFER_TESTBED_NOROLE_CLIENT_ID"])
-    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid,
-                                 env=noroles), "keyvault-forbidden")
+        CONFINFER_MANAGED_IDENTITY_CLIENT_ID=testbed.env["CONFINFER_TESTBED_NOROLE_CLIENT_ID"]
+    )
+    assert_refused(
+        run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", kid, env=noroles),
+        "keyvault-forbidden",
+    )
     assert not (tmp_path / "pkg").exists()
     missing = kid.rsplit("/keys/", 1)[0] + "/keys/no-such-key"
-    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id", missing,
-                                 env=testbed.environ()), "key-not-found")
-    assert_refused(run_confinfer("seal", model, "--out", tmp_path / "pkg", "--key-id",
-                                 "http://not-a-vault/x", env=testbed.environ()),
-                   "config-invalid")
+    assert_refused(
+        run_confinfer(
+            "seal", model, "--out", tmp_path / "pkg", "--key-id", missing, env=testbed.environ()
+        ),
+        "key-not-found",
+    )
+    assert_refused(
+        run_confinfer(
+            "seal",
+            model,
+            "--out",
+            tmp_path / "pkg",
+            "--key-id",
+            "http://not-a-vault/x",
+            env=testbed.environ(),
+        ),
+        "config-invalid",
+    )
     assert not (tmp_path / "pkg").exists()

@@ -56,17 +56,13 @@ def unseal(pkg: Path, dest: Path, pem: Path, *extra: str) -> subprocess.Complete
     return run_confinfer(*unseal_args(pkg, dest, pem, *extra))
 
 
-def test_tutorial_package_unseals(
-    tmp_path: Path, kek: tuple[rsa.RSAPrivateKey, Path]
-) -> None:
+def test_tutorial_package_unseals(tmp_path: Path, kek: tuple[rsa.RSAPrivateKey, Path]) -> None:
     model = tinymodel.write(tmp_path / "src" / "Phi-4-mini-reasoning")
     write_package(tmp_path / "pkg", make_archive(model, tmp_path), kek[0].public_key())
     dest = tmp_path / "dest"
     result = unseal(tmp_path / "pkg", dest, kek[1])
     assert result.returncode == 0, result.stderr
-    assert files_of(dest) == {
-        f"Phi-4-mini-reasoning/{k}": v for k, v in files_of(model).items()
-    }
+    assert files_of(dest) == {f"Phi-4-mini-reasoning/{k}": v for k, v in files_of(model).items()}
 
 
 @pytest.mark.parametrize("fmt", ["gnu", "posix", "ustar"])

@@ -16,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(os.geteuid() != 0, reason="the demo mounts a tmpfs")
 def test_demo_runs_end_to_end() -> None:
     result = subprocess.run(
-        [str(ROOT / "scripts" / "demo")], capture_output=True, text=True, timeout=600,
+        [str(ROOT / "scripts" / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
         check=False,
     )
     out = result.stdout
@@ -28,8 +31,17 @@ def test_demo_runs_end_to_end() -> None:
     assert "confinfer: keyvault-forbidden: " in result.stderr
     # It stops what it started: `testbed status` exits 1 when nothing of it runs.
     status = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), "-m", "testbed", "status", "--dir",
-         str(ROOT / ".demo" / "testbed")],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            str(ROOT / ".venv" / "bin" / "python"),
+            "-m",
+            "testbed",
+            "status",
+            "--dir",
+            str(ROOT / ".demo" / "testbed"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert status.returncode == 1, status.stdout

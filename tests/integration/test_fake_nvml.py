@@ -38,8 +38,11 @@ ERROR_UNKNOWN = 999
 
 
 class SystemState(ctypes.Structure):
-    _fields_ = [("environment", ctypes.c_uint), ("ccFeature", ctypes.c_uint),
-                ("devToolsMode", ctypes.c_uint)]
+    _fields_ = [
+        ("environment", ctypes.c_uint),
+        ("ccFeature", ctypes.c_uint),
+        ("devToolsMode", ctypes.c_uint),
+    ]
 
 
 class SystemCaps(ctypes.Structure):
@@ -47,27 +50,36 @@ class SystemCaps(ctypes.Structure):
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint), ("environment", ctypes.c_uint),
-                ("ccFeature", ctypes.c_uint), ("devToolsMode", ctypes.c_uint),
-                ("multiGpuMode", ctypes.c_uint)]
+    _fields_ = [
+        ("version", ctypes.c_uint),
+        ("environment", ctypes.c_uint),
+        ("ccFeature", ctypes.c_uint),
+        ("devToolsMode", ctypes.c_uint),
+        ("multiGpuMode", ctypes.c_uint),
+    ]
 
 
 SETTINGS_V1 = ctypes.sizeof(Settings) | (1 << 24)
 
 
 class Certificate(ctypes.Structure):
-    _fields_ = [("certChainSize", ctypes.c_uint), ("attestationCertChainSize", ctypes.c_uint),
-                ("certChain", ctypes.c_ubyte * 0x1000),
-                ("attestationCertChain", ctypes.c_ubyte * 0x1400)]
+    _fields_ = [
+        ("certChainSize", ctypes.c_uint),
+        ("attestationCertChainSize", ctypes.c_uint),
+        ("certChain", ctypes.c_ubyte * 0x1000),
+        ("attestationCertChain", ctypes.c_ubyte * 0x1400),
+    ]
 
 
 class AttestationReport(ctypes.Structure):
-    _fields_ = [("isCecAttestationReportPresent", ctypes.c_uint),
-                ("attestationReportSize", ctypes.c_uint),
-                ("cecAttestationReportSize", ctypes.c_uint),
-                ("nonce", ctypes.c_ubyte * 0x20),
-                ("attestationReport", ctypes.c_ubyte * 0x2000),
-                ("cecAttestationReport", ctypes.c_ubyte * 0x1000)]
+    _fields_ = [
+        ("isCecAttestationReportPresent", ctypes.c_uint),
+        ("attestationReportSize", ctypes.c_uint),
+        ("cecAttestationReportSize", ctypes.c_uint),
+        ("nonce", ctypes.c_ubyte * 0x20),
+        ("attestationReport", ctypes.c_ubyte * 0x2000),
+        ("cecAttestationReport", ctypes.c_ubyte * 0x1000),
+    ]
 
 
 Device = ctypes.c_void_p
@@ -84,7 +96,9 @@ def library(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
         getattr(lib, name).argtypes = [Device, ctypes.c_char_p, ctypes.c_uint]
     lib.nvmlDeviceGetArchitecture.argtypes = [Device, ctypes.POINTER(ctypes.c_uint)]
     lib.nvmlDeviceGetConfComputeGpuAttestationReport.argtypes = [
-        Device, ctypes.POINTER(AttestationReport)]
+        Device,
+        ctypes.POINTER(AttestationReport),
+    ]
     lib.nvmlDeviceGetConfComputeGpuCertificate.argtypes = [Device, ctypes.POINTER(Certificate)]
     return lib
 
@@ -141,7 +155,7 @@ def parse_report(raw: bytes) -> ParsedReport:
     assert raw[37:41] == bytes([0x11, 0x60, 0x00, 0x00])
     blocks = raw[41]
     record_len = int.from_bytes(raw[42:45], "little")
-    record = raw[45:45 + record_len]
+    record = raw[45 : 45 + record_len]
     measurements: dict[int, bytes] = {}
     off = 0
     for _ in range(blocks):
@@ -149,23 +163,24 @@ def parse_report(raw: bytes) -> ParsedReport:
         assert spec == 1
         _value_type, value_size = struct.unpack_from("<BH", record, off + 4)
         assert size == 3 + value_size
-        measurements[index] = record[off + 7:off + 7 + value_size]
+        measurements[index] = record[off + 7 : off + 7 + value_size]
         off += 4 + size
     assert off == record_len
     pos = 45 + record_len
-    responder_nonce = raw[pos:pos + 32]
-    opaque_len = int.from_bytes(raw[pos + 32:pos + 34], "little")
-    opaque_raw = raw[pos + 34:pos + 34 + opaque_len]
+    responder_nonce = raw[pos : pos + 32]
+    opaque_len = int.from_bytes(raw[pos + 32 : pos + 34], "little")
+    opaque_raw = raw[pos + 34 : pos + 34 + opaque_len]
     opaque: dict[int, bytes] = {}
     o = 0
     while o < opaque_len:
         kind, size = struct.unpack_from("<HH", opaque_raw, o)
-        opaque[kind] = opaque_raw[o + 4:o + 4 + size]
+        opaque[kind] = opaque_raw[o + 4 : o + 4 + size]
         o += 4 + size
     body_end = pos + 34 + opaque_len
     assert len(raw) == body_end + 96
-    return ParsedReport(request_nonce, measurements, responder_nonce, opaque,
-                        raw[:body_end], raw[body_end:])
+    return ParsedReport(
+        request_nonce, measurements, responder_nonce, opaque, raw[:body_end], raw[body_end:]
+    )
 
 
 def verify_report(report: ParsedReport, leaf: x509.Certificate) -> None:
@@ -186,7 +201,7 @@ def fetch_report(lib: ctypes.CDLL, dev: Device, nonce: bytes) -> tuple[int, Atte
 def fetch_chain(lib: ctypes.CDLL, dev: Device) -> list[x509.Certificate]:
     cert = Certificate()
     assert lib.nvmlDeviceGetConfComputeGpuCertificate(dev, ctypes.byref(cert)) == SUCCESS
-    pem = bytes(cert.attestationCertChain[:cert.attestationCertChainSize])
+    pem = bytes(cert.attestationCertChain[: cert.attestationCertChainSize])
     return x509.load_pem_x509_certificates(pem)
 
 
@@ -260,16 +275,20 @@ def test_cc_state_follows_the_state_file(nvml: ctypes.CDLL, gpu: fakegpu.FakeGpu
     assert cc_state(nvml) == (1, 1, 0)
     settings = Settings(version=SETTINGS_V1)
     assert nvml.nvmlSystemGetConfComputeSettings(ctypes.byref(settings)) == SUCCESS
-    assert (settings.environment, settings.ccFeature, settings.devToolsMode,
-            settings.multiGpuMode) == (1, 1, 0, 1)
+    assert (
+        settings.environment,
+        settings.ccFeature,
+        settings.devToolsMode,
+        settings.multiGpuMode,
+    ) == (1, 1, 0, 1)
     stale = Settings(version=SETTINGS_V1 - 4)
-    assert (nvml.nvmlSystemGetConfComputeSettings(ctypes.byref(stale))
-            == ERROR_ARGUMENT_VERSION_MISMATCH)
+    assert (
+        nvml.nvmlSystemGetConfComputeSettings(ctypes.byref(stale))
+        == ERROR_ARGUMENT_VERSION_MISMATCH
+    )
 
 
-def test_ready_state_persists_into_the_state_file(
-    nvml: ctypes.CDLL, gpu: fakegpu.FakeGpu
-) -> None:
+def test_ready_state_persists_into_the_state_file(nvml: ctypes.CDLL, gpu: fakegpu.FakeGpu) -> None:
     ready = ctypes.c_uint(7)
     assert nvml.nvmlSystemGetConfComputeGpusReadyState(ctypes.byref(ready)) == SUCCESS
     assert ready.value == 0
@@ -298,7 +317,7 @@ def test_attestation_report_echoes_the_nonce_and_verifies(
     rc, out = fetch_report(nvml, dev, nonce)
     assert rc == SUCCESS
     assert out.isCecAttestationReportPresent == 0
-    raw = bytes(out.attestationReport[:out.attestationReportSize])
+    raw = bytes(out.attestationReport[: out.attestationReportSize])
     assert raw[4:36] == nonce
     report = parse_report(raw)
     assert report.request_nonce == nonce
@@ -312,7 +331,7 @@ def test_attestation_report_echoes_the_nonce_and_verifies(
     assert {str(i): v.hex() for i, v in report.measurements.items()} == golden
     # a second report: fresh responder nonce, new signature, same measurements
     _, again = fetch_report(nvml, dev, nonce)
-    second = parse_report(bytes(again.attestationReport[:again.attestationReportSize]))
+    second = parse_report(bytes(again.attestationReport[: again.attestationReportSize]))
     assert second.responder_nonce != report.responder_nonce
     assert second.measurements == report.measurements
     # a flipped bit anywhere in the body breaks the signature
@@ -331,7 +350,7 @@ def test_measurements_track_driver_devtools_and_tamper(
     def measured() -> dict[int, str]:
         rc, out = fetch_report(nvml, dev, nonce)
         assert rc == SUCCESS
-        raw = bytes(out.attestationReport[:out.attestationReportSize])
+        raw = bytes(out.attestationReport[: out.attestationReportSize])
         return {i: v.hex() for i, v in parse_report(raw).measurements.items()}
 
     golden = fakegpu.reference_measurements(gpu.state().driver, gpu.state().vbios)
@@ -353,7 +372,7 @@ def test_certificate_chains_lead_to_the_testbed_root(
     dev = handle(nvml)
     cert = Certificate()
     assert nvml.nvmlDeviceGetConfComputeGpuCertificate(dev, ctypes.byref(cert)) == SUCCESS
-    device_chain = x509.load_pem_x509_certificates(bytes(cert.certChain[:cert.certChainSize]))
+    device_chain = x509.load_pem_x509_certificates(bytes(cert.certChain[: cert.certChainSize]))
     attestation = fetch_chain(nvml, dev)
     root = x509.load_pem_x509_certificate(gpu.root_cert.read_bytes())
     assert len(attestation) == 4 and len(device_chain) == 3
@@ -373,7 +392,8 @@ def test_cc_off_refuses_evidence(nvml: ctypes.CDLL, gpu: fakegpu.FakeGpu) -> Non
     assert rc == ERROR_NOT_SUPPORTED
     cert = Certificate()
     assert nvml.nvmlDeviceGetConfComputeGpuCertificate(dev, ctypes.byref(cert)) == (
-        ERROR_NOT_SUPPORTED)
+        ERROR_NOT_SUPPORTED
+    )
 
 
 def test_lost_gpu(nvml: ctypes.CDLL, library: ctypes.CDLL, gpu: fakegpu.FakeGpu) -> None:
@@ -410,7 +430,7 @@ def test_gpu_count(library: ctypes.CDLL, gpu: fakegpu.FakeGpu) -> None:
     assert uuids == set(gpu.state().uuids[:2])
     rc, out = fetch_report(library, second, bytes(range(32)))
     assert rc == SUCCESS
-    report = parse_report(bytes(out.attestationReport[:out.attestationReportSize]))
+    report = parse_report(bytes(out.attestationReport[: out.attestationReportSize]))
     assert report.opaque[4] == gpu.state().uuids[1].encode() + b"\0"
     gpu.update(gpus=1)
     buf = ctypes.create_string_buffer(96)

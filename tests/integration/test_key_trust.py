@@ -99,8 +99,7 @@ def test_the_same_vault_but_another_key_is_refused_too(
     configured = testbed.env["CONFINFER_KEY_ID"]
     vault = configured.split("/keys/")[0]
     pkg = forged_package(tmp_path, f"{vault}/keys/attacker-kek")
-    done = run_confinfer("unseal", pkg, "--dest", tmp_path / "d", "--skr",
-                         env=testbed.environ())
+    done = run_confinfer("unseal", pkg, "--dest", tmp_path / "d", "--skr", env=testbed.environ())
     assert_refused(done, "key-mismatch")
 
 
@@ -111,9 +110,15 @@ def test_an_allowed_key_may_be_selected_by_the_package(
     host is the hostile listener itself, so a connection proves the request went there)."""
     pkg = forged_package(tmp_path, hostile_kid(hostile))
     done = run_confinfer(
-        "unseal", pkg, "--dest", tmp_path / "d",
-        env=testbed.environ(CONFINFER_KEYVAULT_ALLOWED_KEYS=hostile_kid(hostile),
-                            CONFINFER_MAX_RETRIES="0", CONFINFER_HTTP_TIMEOUT_S="2"),
+        "unseal",
+        pkg,
+        "--dest",
+        tmp_path / "d",
+        env=testbed.environ(
+            CONFINFER_KEYVAULT_ALLOWED_KEYS=hostile_kid(hostile),
+            CONFINFER_MAX_RETRIES="0",
+            CONFINFER_HTTP_TIMEOUT_S="2",
+        ),
     )
     assert done.returncode == Reason.KEYVAULT_UNAVAILABLE.exit_code, done.stderr
     assert hostile.connections >= 1
@@ -123,8 +128,9 @@ def test_no_configured_key_means_no_request(
     testbed: RunningTestbed, hostile: Listener, tmp_path: Path
 ) -> None:
     pkg = forged_package(tmp_path, hostile_kid(hostile))
-    done = run_confinfer("unseal", pkg, "--dest", tmp_path / "d", "--skr",
-                         env=testbed.environ(CONFINFER_KEY_ID=""))
+    done = run_confinfer(
+        "unseal", pkg, "--dest", tmp_path / "d", "--skr", env=testbed.environ(CONFINFER_KEY_ID="")
+    )
     assert_refused(done, "no-key-id")
     assert hostile.connections == 0
 
@@ -136,8 +142,9 @@ def test_the_azureattestskr_backend_gets_the_configured_key(
     if tool is None:
         pytest.fail("the testbed exports no stand-in AzureAttestSKR")
     pkg = forged_package(tmp_path, hostile_kid(hostile))
-    done = run_confinfer("unseal", pkg, "--dest", tmp_path / "d", "--skr", "--skr-tool", tool,
-                         env=testbed.environ())
+    done = run_confinfer(
+        "unseal", pkg, "--dest", tmp_path / "d", "--skr", "--skr-tool", tool, env=testbed.environ()
+    )
     assert_refused(done, "key-mismatch")
     assert hostile.connections == 0
     log = testbed.dir / "run" / "azureattestskr.log"
@@ -151,8 +158,9 @@ def test_a_forged_key_id_reaches_the_terminal_escaped(
     """The header's key id is attacker text: it must not forge journal lines or escapes."""
     forged = "https://127.0.0.1:1/keys/k\n<0>confinfer: all good\x1b[2J"
     pkg = forged_package(tmp_path, forged)
-    done = run_confinfer("unseal", pkg, "--dest", tmp_path / "d", "--skr",
-                         env=testbed.environ(JOURNAL_STREAM="8:1"))
+    done = run_confinfer(
+        "unseal", pkg, "--dest", tmp_path / "d", "--skr", env=testbed.environ(JOURNAL_STREAM="8:1")
+    )
     assert done.returncode == Reason.KEY_MISMATCH.exit_code, done.stderr
     lines = done.stderr.splitlines()
     assert all(line.startswith("<") for line in lines), lines

@@ -49,19 +49,30 @@ def test_debug_output_never_carries_the_dek_or_the_kek(
     env = testbed.environ(SYSTEMD_LOG_LEVEL="debug")
     outputs = []
 
-    sealed = run_confinfer("--debug", "seal", model, "--out", tmp_path / "pkg", "--key-id", kid,
-                           env=env)
+    sealed = run_confinfer(
+        "--debug", "seal", model, "--out", tmp_path / "pkg", "--key-id", kid, env=env
+    )
     assert sealed.returncode == 0, sealed.stderr
     outputs.append(sealed.stdout + sealed.stderr)
 
-    done = run_confinfer("--debug", "unseal", tmp_path / "pkg", "--dest", tmp_path / "out",
-                         "--skr", env=env)
+    done = run_confinfer(
+        "--debug", "unseal", tmp_path / "pkg", "--dest", tmp_path / "out", "--skr", env=env
+    )
     assert done.returncode == 0, done.stderr
     outputs.append(done.stdout + done.stderr)
 
     # A failure after the key was released: the model is over the size cap.
-    failed = run_confinfer("--debug", "unseal", tmp_path / "pkg", "--dest", tmp_path / "small",
-                           "--skr", "--max-bytes", "1000", env=env)
+    failed = run_confinfer(
+        "--debug",
+        "unseal",
+        tmp_path / "pkg",
+        "--dest",
+        tmp_path / "small",
+        "--skr",
+        "--max-bytes",
+        "1000",
+        env=env,
+    )
     assert failed.returncode != 0
     outputs.append(failed.stdout + failed.stderr)
 
@@ -75,8 +86,9 @@ def test_debug_output_never_carries_the_dek_or_the_kek(
         base64.b64decode(header["wrapped_dek"]),
         padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
     )
-    pkcs8 = kek.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+    pkcs8 = kek.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     private_d = kek.private_numbers().d.to_bytes(kek.key_size // 8, "big")
     needles = encodings(dek) | encodings(pkcs8[-300:]) | encodings(private_d)
     text = "\n".join(outputs)

@@ -26,10 +26,17 @@ Cli = Callable[..., subprocess.CompletedProcess[str]]
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 REQUIRED = (
-    "AZURE_POD_IDENTITY_AUTHORITY_HOST", "CONFINFER_MAA_URL", "CONFINFER_KEYVAULT_URL",
-    "CONFINFER_KEYVAULT_VERIFY_CHALLENGE_RESOURCE", "CONFINFER_CA_BUNDLE", "CONFINFER_TPM_TCTI",
-    "CONFINFER_NVML_LIBRARY", "CONFINFER_TESTBED_GPU_STATE", "CONFINFER_TESTBED_DIR",
-    "CONFINFER_TESTBED_NOROLE_CLIENT_ID", "CONFINFER_KEY_ID",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
+    "CONFINFER_MAA_URL",
+    "CONFINFER_KEYVAULT_URL",
+    "CONFINFER_KEYVAULT_VERIFY_CHALLENGE_RESOURCE",
+    "CONFINFER_CA_BUNDLE",
+    "CONFINFER_TPM_TCTI",
+    "CONFINFER_NVML_LIBRARY",
+    "CONFINFER_TESTBED_GPU_STATE",
+    "CONFINFER_TESTBED_DIR",
+    "CONFINFER_TESTBED_NOROLE_CLIENT_ID",
+    "CONFINFER_KEY_ID",
 )
 TOKEN_PATH = "/metadata/identity/oauth2/token"
 VAULT = "https://vault.azure.net"
@@ -39,19 +46,30 @@ def imds_token(tb: RunningTestbed, **params: str) -> requests.Response:
     return requests.get(
         tb.env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] + TOKEN_PATH,
         params={"api-version": "2018-02-01", "resource": VAULT, **params},
-        headers={"Metadata": "true"}, timeout=10,
+        headers={"Metadata": "true"},
+        timeout=10,
     )
 
 
 def vault_get(tb: RunningTestbed, path: str, token: str | None = None) -> requests.Response:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return requests.get(tb.env["CONFINFER_KEYVAULT_URL"] + path, params={"api-version": "7.4"},
-                        headers=headers, verify=tb.env["CONFINFER_CA_BUNDLE"], timeout=10)
+    return requests.get(
+        tb.env["CONFINFER_KEYVAULT_URL"] + path,
+        params={"api-version": "7.4"},
+        headers=headers,
+        verify=tb.env["CONFINFER_CA_BUNDLE"],
+        timeout=10,
+    )
 
 
 def pcr(tb: RunningTestbed, index: int) -> str:
-    out = subprocess.run(["tpm2_pcrread", "-T", tb.env["CONFINFER_TPM_TCTI"], f"sha256:{index}"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["tpm2_pcrread", "-T", tb.env["CONFINFER_TPM_TCTI"], f"sha256:{index}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     match = re.search(rf"\b{index}\s*:\s*0x([0-9A-Fa-f]{{64}})", out)
     assert match, out
     return match.group(1)
@@ -74,8 +92,14 @@ lib.nvmlShutdown()
 
 
 def nvml_probe(tb: RunningTestbed) -> dict[str, list[int] | int]:
-    out = subprocess.run([sys.executable, "-c", NVML_PROBE], env=tb.environ(),
-                         capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", NVML_PROBE],
+        env=tb.environ(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
     result: dict[str, list[int] | int] = json.loads(out)
     return result
 
@@ -100,7 +124,10 @@ def test_env_file_names_every_endpoint(testbed: RunningTestbed) -> None:
     # the file is shell-sourceable and says the same thing
     shell = subprocess.run(
         ["bash", "-c", f"source {testbed.dir / 'testbed.env'} && env -0"],
-        capture_output=True, timeout=10, check=True, env={"PATH": os.environ["PATH"]},
+        capture_output=True,
+        timeout=10,
+        check=True,
+        env={"PATH": os.environ["PATH"]},
     ).stdout.decode()
     sourced = dict(item.split("=", 1) for item in shell.split("\0") if "=" in item)
     assert {k: sourced[k] for k in env} == env
@@ -116,8 +143,11 @@ def test_imds_issues_tokens_for_both_identities(testbed: RunningTestbed) -> None
     other = imds_token(testbed, client_id=norole)
     assert other.status_code == 200
     assert other.json()["client_id"] == norole != body["client_id"]
-    refused = requests.get(testbed.env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] + TOKEN_PATH,
-                           params={"api-version": "2018-02-01", "resource": VAULT}, timeout=10)
+    refused = requests.get(
+        testbed.env["AZURE_POD_IDENTITY_AUTHORITY_HOST"] + TOKEN_PATH,
+        params={"api-version": "2018-02-01", "resource": VAULT},
+        timeout=10,
+    )
     assert refused.status_code == 400  # no Metadata header
 
 
@@ -148,14 +178,18 @@ def test_keyvault_challenges_and_holds_the_kek(testbed: RunningTestbed) -> None:
     assert bundle["attributes"]["exportable"] is True
     data = bundle["release_policy"]["data"]
     policy = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
-    assert policy["anyOf"] == [{
-        "authority": testbed.env["CONFINFER_MAA_URL"],
-        "allOf": [
-            {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
-            {"claim": "x-ms-isolation-tee.x-ms-compliance-status",
-             "equals": "azure-compliant-cvm"},
-        ],
-    }]
+    assert policy["anyOf"] == [
+        {
+            "authority": testbed.env["CONFINFER_MAA_URL"],
+            "allOf": [
+                {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
+                {
+                    "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+                    "equals": "azure-compliant-cvm",
+                },
+            ],
+        }
+    ]
 
 
 def test_kek_command_creates_another_key(testbed: RunningTestbed) -> None:
@@ -173,8 +207,14 @@ def test_status_reports_live_processes_and_ports(testbed: RunningTestbed) -> Non
     assert all(p["alive"] for p in report["processes"].values())
     assert report["urls"]["maa"] == testbed.env["CONFINFER_MAA_URL"]
     assert testbed.env["CONFINFER_KEYVAULT_URL"].endswith(f":{report['ports']['keyvault']}")
-    assert report["gpu"] == {"cc": True, "devtools": False, "env": "production", "gpus": 1,
-                             "lost": False, "ready": False}
+    assert report["gpu"] == {
+        "cc": True,
+        "devtools": False,
+        "env": "production",
+        "gpus": 1,
+        "lost": False,
+        "ready": False,
+    }
 
 
 def test_second_up_in_the_same_dir_is_refused(testbed: RunningTestbed, testbed_cli: Cli) -> None:
@@ -220,8 +260,7 @@ def test_gpu_set_changes_any_key_and_validates(testbed: RunningTestbed) -> None:
         assert refused.stderr.startswith("testbed: gpu-state-invalid: ")
         unknown = testbed.cli("gpu", "set", "colour=green", check=False)
         assert unknown.stderr.startswith("testbed: gpu-state-invalid: ")
-        assert testbed.cli("gpu", "lose", "x=1", check=False).stderr.startswith(
-            "testbed: usage: ")
+        assert testbed.cli("gpu", "lose", "x=1", check=False).stderr.startswith("testbed: usage: ")
     finally:
         testbed.cli("gpu", "set", "tamper=0", f"driver={before['driver']}")
     assert json.loads(testbed.cli("gpu", "show").stdout) == before
@@ -240,16 +279,24 @@ def test_fault_subcommand_shapes_the_next_requests(testbed: RunningTestbed) -> N
         with pytest.raises(requests.exceptions.ConnectionError):
             vault_get(testbed, "/keys/model-kek")
         testbed.cli("fault", "maa", "--status", "429", "--retry-after", "3")
-        attest = requests.post(testbed.env["CONFINFER_MAA_URL"] + "/attest/AzureGuest",
-                               params={"api-version": "2020-10-01"}, json={},
-                               verify=testbed.env["CONFINFER_CA_BUNDLE"], timeout=10)
+        attest = requests.post(
+            testbed.env["CONFINFER_MAA_URL"] + "/attest/AzureGuest",
+            params={"api-version": "2020-10-01"},
+            json={},
+            verify=testbed.env["CONFINFER_CA_BUNDLE"],
+            timeout=10,
+        )
         assert attest.status_code == 429 and attest.headers["Retry-After"] == "3"
         testbed.cli("fault", "--clear", "keyvault")
         assert vault_get(testbed, "/keys/model-kek").status_code == 401
         testbed.cli("fault", "--clear")
-        attest = requests.post(testbed.env["CONFINFER_MAA_URL"] + "/attest/AzureGuest",
-                               params={"api-version": "2020-10-01"}, json={},
-                               verify=testbed.env["CONFINFER_CA_BUNDLE"], timeout=10)
+        attest = requests.post(
+            testbed.env["CONFINFER_MAA_URL"] + "/attest/AzureGuest",
+            params={"api-version": "2020-10-01"},
+            json={},
+            verify=testbed.env["CONFINFER_CA_BUNDLE"],
+            timeout=10,
+        )
         assert attest.status_code == 400  # served again: empty evidence is refused
     finally:
         testbed.cli("fault", "--clear")
@@ -281,14 +328,18 @@ def swtpm_for(directory: Path) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if state != "Z" and os.path.basename(argv[0]).startswith(b"swtpm") and any(
-                str(directory).encode() in arg for arg in argv):
+        if (
+            state != "Z"
+            and os.path.basename(argv[0]).startswith(b"swtpm")
+            and any(str(directory).encode() in arg for arg in argv)
+        ):
             found.append(int(entry.name))
     return found
 
 
-def test_down_leaves_no_process_behind(tmp_path: Path, testbed_factory: TestbedFactory,
-                                       testbed_cli: Cli) -> None:
+def test_down_leaves_no_process_behind(
+    tmp_path: Path, testbed_factory: TestbedFactory, testbed_cli: Cli
+) -> None:
     directory = tmp_path / "tb"
     tb = testbed_factory(directory)
     records = RunRecords(directory).processes()
@@ -314,8 +365,13 @@ def test_a_failed_up_stops_what_it_started(tmp_path: Path, testbed_cli: Cli) -> 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for tool in ("swtpm", "swtpm_ioctl"):
-        real = subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True,
-                              text=True, check=True, timeout=10).stdout.strip()
+        real = subprocess.run(
+            ["bash", "-c", f"command -v {tool}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
         (bin_dir / tool).symlink_to(real)
     directory = tmp_path / "tb"
     env = {**os.environ, "PATH": str(bin_dir)}

@@ -101,11 +101,17 @@ def write_user_data(ctx: Any, data: bytes) -> None:
         old = None
     if old is not None:
         ctx.nv_undefine_space(old, auth_handle=ESYS_TR.OWNER)
-    public = TPM2B_NV_PUBLIC(TPMS_NV_PUBLIC(
-        nvIndex=USER_DATA_INDEX, nameAlg=TPM2_ALG.SHA256,
-        attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHWRITE | TPMA_NV.AUTHREAD,
-        dataSize=len(data),
-    ))
+    public = TPM2B_NV_PUBLIC(
+        TPMS_NV_PUBLIC(
+            nvIndex=USER_DATA_INDEX,
+            nameAlg=TPM2_ALG.SHA256,
+            attributes=TPMA_NV.OWNERWRITE
+            | TPMA_NV.OWNERREAD
+            | TPMA_NV.AUTHWRITE
+            | TPMA_NV.AUTHREAD,
+            dataSize=len(data),
+        )
+    )
     handle = ctx.nv_define_space(b"", public, auth_handle=ESYS_TR.OWNER)
     ctx.nv_write(handle, data, 0, auth_handle=ESYS_TR.OWNER)
     ctx.tr_close(handle)
@@ -150,8 +156,12 @@ def test_provisioning_binds_ak_certificate_and_report(vtpm: Vtpm, trust: Trust) 
     area = public.publicArea
     assert area.type == TPM2_ALG.RSA
     assert area.objectAttributes == (
-        TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-        | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
+        TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.USERWITHAUTH
+        | TPMA_OBJECT.RESTRICTED
+        | TPMA_OBJECT.SIGN_ENCRYPT
     )
     assert area.parameters.rsaDetail.keyBits == 2048
     assert area.parameters.rsaDetail.scheme.scheme == TPM2_ALG.RSASSA
@@ -168,7 +178,7 @@ def test_provisioning_binds_ak_certificate_and_report(vtpm: Vtpm, trust: Trust) 
     assert len(raw) == hcl.NV_MAX_SIZE  # the padded index, sized by NV_ReadPublic
     report = hcl.parse_hcl_report(raw)
     assert report.report_size <= hcl.NV_MAX_SIZE
-    assert raw[report.report_size:] == bytes(len(raw) - report.report_size)
+    assert raw[report.report_size :] == bytes(len(raw) - report.report_size)
     claims, _parsed = check_report(report, trust)
     (key,) = claims["keys"]
     assert (key["kid"], key["kty"], key["e"]) == ("HCLAkPub", "RSA", "AQAB")
@@ -199,8 +209,16 @@ def test_tpm2_tools_refresh_through_proxy(vtpm: Vtpm, trust: Trust, tmp_path: Pa
     user_data = bytes(range(64))
     data.write_bytes(user_data)
     for argv in (
-        ["tpm2_nvdefine", "-C", "o", "-s", "64", "-a", "ownerread|ownerwrite|authread|authwrite",
-         hex(USER_DATA_INDEX)],
+        [
+            "tpm2_nvdefine",
+            "-C",
+            "o",
+            "-s",
+            "64",
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+            hex(USER_DATA_INDEX),
+        ],
         ["tpm2_nvwrite", "-C", "o", "-i", str(data), hex(USER_DATA_INDEX)],
     ):
         subprocess.run(argv, env=env, check=True, capture_output=True, timeout=30)
@@ -302,10 +320,15 @@ def test_stop_leaves_no_process(tmp_path: Path, trust: Trust) -> None:
     assert len(pids) == 2
     # another process attaches from the saved state and stops it
     subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from pathlib import Path; from testbed.vtpm import Vtpm; "
-         "Vtpm.attach(Path(sys.argv[1])).stop()", str(started.state_dir)],
-        check=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from testbed.vtpm import Vtpm; "
+            "Vtpm.attach(Path(sys.argv[1])).stop()",
+            str(started.state_dir),
+        ],
+        check=True,
+        timeout=60,
     )
     for pid in pids:  # exited: gone, or a zombie until its parent (this process) reaps it
         stat = Path(f"/proc/{pid}/stat")

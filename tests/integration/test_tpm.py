@@ -118,13 +118,19 @@ def _ak_template() -> TPM2B_PUBLIC:
         TPMT_PUBLIC(
             type=TPM2_ALG.RSA,
             nameAlg=TPM2_ALG.SHA256,
-            objectAttributes=TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
-            | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-            | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH | TPMA_OBJECT.NODA,
+            objectAttributes=TPMA_OBJECT.RESTRICTED
+            | TPMA_OBJECT.SIGN_ENCRYPT
+            | TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT
+            | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.USERWITHAUTH
+            | TPMA_OBJECT.NODA,
             parameters=TPMU_PUBLIC_PARMS(
                 rsaDetail=TPMS_RSA_PARMS(
                     symmetric=TPMT_SYM_DEF_OBJECT(algorithm=TPM2_ALG.NULL),
-                    scheme=scheme, keyBits=2048, exponent=0,
+                    scheme=scheme,
+                    keyBits=2048,
+                    exponent=0,
                 )
             ),
         )
@@ -154,7 +160,8 @@ def build_hcl_report(runtime: bytes, *, pad_to: int = 2048) -> bytes:
 def _define_and_write(e: ESAPI, index: int, data: bytes) -> None:
     spec = TPM2B_NV_PUBLIC(
         TPMS_NV_PUBLIC(
-            nvIndex=index, nameAlg=TPM2_ALG.SHA256,
+            nvIndex=index,
+            nameAlg=TPM2_ALG.SHA256,
             attributes=TPMA_NV.OWNERWRITE | TPMA_NV.OWNERREAD | TPMA_NV.AUTHREAD | TPMA_NV.NO_DA,
             dataSize=len(data),
         )
@@ -172,7 +179,8 @@ def _ak_cert(n: int, e: int) -> bytes:
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(name)
         .public_key(rsa.RSAPublicNumbers(e, n).public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
@@ -189,11 +197,21 @@ def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], int]:
     for _ in range(5):
         port = _free_port_pair()
         proc = subprocess.Popen(
-            ["swtpm", "socket", "--tpm2",
-             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-             "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-             "--tpmstate", f"dir={state}", "--flags", "not-need-init,startup-clear"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                "--tpmstate",
+                f"dir={state}",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and proc.poll() is None:
@@ -208,8 +226,12 @@ def start_swtpm(state: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def stop_swtpm(proc: subprocess.Popen[bytes], port: int) -> None:
-    subprocess.run(["swtpm_ioctl", "--tcp", f"127.0.0.1:{port + 1}", "-s"],
-                   capture_output=True, timeout=5, check=False)
+    subprocess.run(
+        ["swtpm_ioctl", "--tcp", f"127.0.0.1:{port + 1}", "-s"],
+        capture_output=True,
+        timeout=5,
+        check=False,
+    )
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
@@ -235,10 +257,22 @@ def swtpm(tmp_path: Path) -> Iterator[Swtpm]:
             cert = _ak_cert(n, exp)
             _define_and_write(e, AK_CERT_INDEX, cert + bytes(1400 - len(cert)))
             runtime = json.dumps(
-                {"keys": [{"kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA",
-                           "e": _b64url_int(exp), "n": _b64url_int(n)}],
-                 "vm-configuration": {"secure-boot": True, "tpm-enabled": True,
-                                      "vmUniqueId": "00000000-0000-4000-8000-000000000001"}},
+                {
+                    "keys": [
+                        {
+                            "kid": "HCLAkPub",
+                            "key_ops": ["sign"],
+                            "kty": "RSA",
+                            "e": _b64url_int(exp),
+                            "n": _b64url_int(n),
+                        }
+                    ],
+                    "vm-configuration": {
+                        "secure-boot": True,
+                        "tpm-enabled": True,
+                        "vmUniqueId": "00000000-0000-4000-8000-000000000001",
+                    },
+                },
                 separators=(",", ":"),
             ).encode()
             _define_and_write(e, HCL_REPORT_INDEX, build_hcl_report(runtime))
@@ -317,8 +351,11 @@ def test_ephemeral_key_is_certified_and_decrypts(swtpm: Swtpm) -> None:
         inner = os.urandom(32)
         assert bytes(vtpm.decrypt_rsaes(public.encrypt(inner, padding.PKCS1v15()))) == inner
         # SHA-1 OAEP is what Key Vault's CKM_RSA_AES_KEY_WRAP uses.
-        for name, algo in (("sha1", hashes.SHA1()), ("sha256", hashes.SHA256()),  # noqa: S303
-                           ("sha384", hashes.SHA384())):
+        for name, algo in (
+            ("sha1", hashes.SHA1()),  # noqa: S303
+            ("sha256", hashes.SHA256()),
+            ("sha384", hashes.SHA384()),
+        ):
             oaep = padding.OAEP(mgf=padding.MGF1(algo), algorithm=algo, label=None)
             assert bytes(vtpm.decrypt_oaep(public.encrypt(b"dek", oaep), name)) == b"dek"
     assert key.n.bit_length() == 2048 and key.e == 65537
@@ -336,8 +373,13 @@ def test_ephemeral_key_template_is_azures(swtpm: Swtpm) -> None:
         key = vtpm.ephemeral_key()
     public, _ = TPM2B_PUBLIC.unmarshal(key.public)
     area = public.publicArea
-    want = (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-            | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.NODA)
+    want = (
+        TPMA_OBJECT.DECRYPT
+        | TPMA_OBJECT.FIXEDTPM
+        | TPMA_OBJECT.FIXEDPARENT
+        | TPMA_OBJECT.SENSITIVEDATAORIGIN
+        | TPMA_OBJECT.NODA
+    )
     assert int(area.objectAttributes) == int(want)
     assert area.parameters.rsaDetail.keyBits == 2048
     assert area.parameters.rsaDetail.exponent == 0

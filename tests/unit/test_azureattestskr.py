@@ -81,11 +81,21 @@ def test_base64_output_is_read_too(dek: bytes) -> None:
     assert azureattestskr.parse_output(b"  " + base64.b64encode(dek)) == dek
 
 
-@pytest.mark.parametrize("out", [b"", b"\n", bytes(33), bytes(64),
-                                 base64.b64encode(bytes(16)), b"not base64 at all, not at all!",
-                                 b"The released key is of type RSA.\n",
-                                 b"The released key is of type RSA.", b" " + bytes(32),
-                                 b"Main started\n" + b"\xff" * 32 + b"\n"])
+@pytest.mark.parametrize(
+    "out",
+    [
+        b"",
+        b"\n",
+        bytes(33),
+        bytes(64),
+        base64.b64encode(bytes(16)),
+        b"not base64 at all, not at all!",
+        b"The released key is of type RSA.\n",
+        b"The released key is of type RSA.",
+        b" " + bytes(32),
+        b"Main started\n" + b"\xff" * 32 + b"\n",
+    ],
+)
 def test_other_output_is_refused(out: bytes) -> None:
     with pytest.raises(KeyReleaseError) as err:
         azureattestskr.parse_output(out)

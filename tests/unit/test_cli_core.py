@@ -47,8 +47,10 @@ def test_expected_failure_is_one_line_and_exit_code(
     code = cli.main([])
     err = capsys.readouterr().err.splitlines()
     assert code == 65  # EX_DATAERR: integrity failures
-    assert err == ["confinfer: integrity: package failed authentication",
-                   "hint: re-copy the package"]
+    assert err == [
+        "confinfer: integrity: package failed authentication",
+        "hint: re-copy the package",
+    ]
 
 
 def test_error_reason_override_and_details() -> None:

@@ -19,15 +19,25 @@ pytestmark = pytest.mark.unit
 
 RUNTIME: dict[str, Any] = {
     "keys": [{"kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA", "e": "AQAB", "n": "u1Zz"}],
-    "vm-configuration": {"console-enabled": False, "secure-boot": True, "tpm-enabled": True,
-                         "vmUniqueId": "6E9A7C8D-0000-4000-8000-0123456789AB"},
+    "vm-configuration": {
+        "console-enabled": False,
+        "secure-boot": True,
+        "tpm-enabled": True,
+        "vmUniqueId": "6E9A7C8D-0000-4000-8000-0123456789AB",
+    },
     "user-data": "AB" * 64,
 }
 _HASH = {1: hashlib.sha256, 2: hashlib.sha384, 3: hashlib.sha512}
 
 
-def build(runtime: bytes, *, hash_type: int = 1, report_type: int = 2, pad: int = 2600,
-          report_data: bytes | None = None) -> bytes:
+def build(
+    runtime: bytes,
+    *,
+    hash_type: int = 1,
+    report_type: int = 2,
+    pad: int = 2600,
+    report_data: bytes | None = None,
+) -> bytes:
     snp = bytearray(os.urandom(1184))
     if report_data is None:
         digest = _HASH[hash_type](runtime).digest() if hash_type in _HASH else b""
@@ -88,9 +98,14 @@ def test_unknown_hash_type_is_unsupported() -> None:
 
 
 def test_older_runtime_without_user_data() -> None:
-    runtime = json.dumps({"keys": [{"kid": "HCLAkPub", "key_ops": ["encrypt"], "kty": "RSA",
-                                    "e": "AQAB", "n": "AQ"}],
-                          "vm-configuration": {"current-time": 1}}).encode()
+    runtime = json.dumps(
+        {
+            "keys": [
+                {"kid": "HCLAkPub", "key_ops": ["encrypt"], "kty": "RSA", "e": "AQAB", "n": "AQ"}
+            ],
+            "vm-configuration": {"current-time": 1},
+        }
+    ).encode()
     report = hcl.parse(build(runtime))
     assert report.user_data is None
     report.check_binding()
@@ -111,15 +126,18 @@ def test_tdx_report_is_not_an_snp_report() -> None:
     assert err.value.reason == "hcl-report-unsupported"
 
 
-@pytest.mark.parametrize("mutate", [
-    lambda r: b"XCLA" + r[4:],
-    lambda r: r[:8] + struct.pack("<I", 100) + r[12:],          # size below the header
-    lambda r: r[:8] + struct.pack("<I", len(r) + 1) + r[12:],   # size past the data
-    lambda r: r[:0x4C0] + struct.pack("<I", 7) + r[0x4C4:],     # data size mismatch
-    lambda r: r[:0x4D0] + struct.pack("<I", 4000) + r[0x4D4:],  # runtime past the size
-    lambda r: r[:16],
-    lambda r: b"",
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: b"XCLA" + r[4:],
+        lambda r: r[:8] + struct.pack("<I", 100) + r[12:],  # size below the header
+        lambda r: r[:8] + struct.pack("<I", len(r) + 1) + r[12:],  # size past the data
+        lambda r: r[:0x4C0] + struct.pack("<I", 7) + r[0x4C4:],  # data size mismatch
+        lambda r: r[:0x4D0] + struct.pack("<I", 4000) + r[0x4D4:],  # runtime past the size
+        lambda r: r[:16],
+        lambda r: b"",
+    ],
+)
 def test_malformed_reports(mutate: Any) -> None:
     invalid(mutate(build(json.dumps(RUNTIME).encode(), pad=0)))
 

@@ -29,15 +29,20 @@ def test_the_configured_key_without_a_hint() -> None:
     assert refused(Config(), CFG_KID) == Reason.NO_KEY_ID
 
 
-@pytest.mark.parametrize("hint", [
-    "https://evil.example/keys/cfg-kek/bbbb",  # another host
-    "https://myvault.vault.azure.net.evil.example/keys/cfg-kek/bbbb",
-    "https://myvault.vault.azure.net:8443/keys/cfg-kek/bbbb",  # another port
-    "https://myvault.vault.azure.net/keys/other-kek/bbbb",  # another key
-    "https://myvault.vault.azure.net/keys/cfg-kek/cccc",  # another version of a pinned key
-    "http://myvault.vault.azure.net/keys/cfg-kek/bbbb",  # not https
-    "not a url", "", "https://user@myvault.vault.azure.net/keys/cfg-kek/bbbb",
-])
+@pytest.mark.parametrize(
+    "hint",
+    [
+        "https://evil.example/keys/cfg-kek/bbbb",  # another host
+        "https://myvault.vault.azure.net.evil.example/keys/cfg-kek/bbbb",
+        "https://myvault.vault.azure.net:8443/keys/cfg-kek/bbbb",  # another port
+        "https://myvault.vault.azure.net/keys/other-kek/bbbb",  # another key
+        "https://myvault.vault.azure.net/keys/cfg-kek/cccc",  # another version of a pinned key
+        "http://myvault.vault.azure.net/keys/cfg-kek/bbbb",  # not https
+        "not a url",
+        "",
+        "https://user@myvault.vault.azure.net/keys/cfg-kek/bbbb",
+    ],
+)
 def test_anything_else_is_a_key_mismatch(hint: str) -> None:
     cfg = Config(key_id=CFG_KID)
     if hint == "":
@@ -61,7 +66,8 @@ def test_allowed_keys_widen_the_choice() -> None:
 def test_the_audience_comes_from_the_host_name_only() -> None:
     assert KeyId.parse(CFG_KID).audience == "https://vault.azure.net"
     assert KeyId.parse("https://h.managedhsm.azure.net/keys/k").audience == (
-        "https://managedhsm.azure.net")
+        "https://managedhsm.azure.net"
+    )
     assert KeyId.parse("https://127.0.0.1:8443/keys/k").audience == "https://vault.azure.net"
 
 

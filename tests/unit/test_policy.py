@@ -19,20 +19,28 @@ MAA = "https://sharedeus.eus.attest.azure.net"
 
 CVM_POLICY: dict[str, Any] = {
     "version": "1.0.0",
-    "anyOf": [{
-        "authority": MAA + "/",
-        "allOf": [
-            {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
-            {"claim": "x-ms-isolation-tee.x-ms-compliance-status",
-             "equals": "azure-compliant-cvm"},
-        ],
-    }],
+    "anyOf": [
+        {
+            "authority": MAA + "/",
+            "allOf": [
+                {"claim": "x-ms-isolation-tee.x-ms-attestation-type", "equals": "sevsnpvm"},
+                {
+                    "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+                    "equals": "azure-compliant-cvm",
+                },
+            ],
+        }
+    ],
 }
 
 
 def tee(**over: Any) -> dict[str, Any]:
-    inner = {"x-ms-attestation-type": "sevsnpvm", "x-ms-compliance-status": "azure-compliant-cvm",
-             "x-ms-sevsnpvm-is-debuggable": False, "x-ms-sevsnpvm-guestsvn": 7}
+    inner = {
+        "x-ms-attestation-type": "sevsnpvm",
+        "x-ms-compliance-status": "azure-compliant-cvm",
+        "x-ms-sevsnpvm-is-debuggable": False,
+        "x-ms-sevsnpvm-guestsvn": 7,
+    }
     inner.update(over)
     return {"iss": MAA, "x-ms-attestation-type": "azurevm", "x-ms-isolation-tee": inner}
 
@@ -61,13 +69,16 @@ def one(cond: dict[str, Any], authority: str = MAA) -> dict[str, Any]:
 def test_canonical_cvm_policy_passes() -> None:
     policy.evaluate(CVM_POLICY, tee(), MAA)
     policy.evaluate(json.dumps(CVM_POLICY), tee(), MAA + "/")
-    policy.evaluate(json.dumps(CVM_POLICY).encode(), tee(), "HTTPS://SharedEUS.eus.attest.azure.net")
+    policy.evaluate(
+        json.dumps(CVM_POLICY).encode(), tee(), "HTTPS://SharedEUS.eus.attest.azure.net"
+    )
 
 
 def test_failure_names_the_claim_expected_and_actual() -> None:
     err = refused(CVM_POLICY, tee(**{"x-ms-compliance-status": "none"}))
-    assert err.message == ('x-ms-isolation-tee.x-ms-compliance-status: expected '
-                           '"azure-compliant-cvm", got "none"')
+    assert err.message == (
+        'x-ms-isolation-tee.x-ms-compliance-status: expected "azure-compliant-cvm", got "none"'
+    )
     assert err.reason == "policy-unsatisfied"
     assert err.details["claim"] == "x-ms-isolation-tee.x-ms-compliance-status"
     assert err.details["expected"] == "azure-compliant-cvm"
@@ -78,8 +89,9 @@ def test_missing_claim_fails() -> None:
     claims = tee()
     del claims["x-ms-isolation-tee"]["x-ms-attestation-type"]
     err = refused(CVM_POLICY, claims)
-    assert err.message == ('x-ms-isolation-tee.x-ms-attestation-type: expected "sevsnpvm", '
-                           'got nothing (claim missing)')
+    assert err.message == (
+        'x-ms-isolation-tee.x-ms-attestation-type: expected "sevsnpvm", got nothing (claim missing)'
+    )
     assert err.details["present"] is False
 
 
@@ -95,15 +107,28 @@ def test_platform_token_policy_uses_top_level_claims() -> None:
     assert refused(doc, tee()).details["actual"] == "azurevm"
 
 
-@pytest.mark.parametrize(("cond", "ok"), [
-    ({"equals": 7}, True), ({"equals": 7.0}, True), ({"equals": 8}, False),
-    ({"equals": "7"}, False), ({"notEquals": 8}, True), ({"notEquals": 7}, False),
-    ({"notEquals": "7"}, True),
-    ({"less": 8}, True), ({"less": 7}, False), ({"lessOrEquals": 7}, True),
-    ({"greater": 6}, True), ({"greater": 7}, False), ({"greaterOrEquals": 7}, True),
-    ({"greaterOrEquals": 7.5}, False), ({"less": "8"}, False),
-    ({"exists": True}, True), ({"exists": False}, False),
-])
+@pytest.mark.parametrize(
+    ("cond", "ok"),
+    [
+        ({"equals": 7}, True),
+        ({"equals": 7.0}, True),
+        ({"equals": 8}, False),
+        ({"equals": "7"}, False),
+        ({"notEquals": 8}, True),
+        ({"notEquals": 7}, False),
+        ({"notEquals": "7"}, True),
+        ({"less": 8}, True),
+        ({"less": 7}, False),
+        ({"lessOrEquals": 7}, True),
+        ({"greater": 6}, True),
+        ({"greater": 7}, False),
+        ({"greaterOrEquals": 7}, True),
+        ({"greaterOrEquals": 7.5}, False),
+        ({"less": "8"}, False),
+        ({"exists": True}, True),
+        ({"exists": False}, False),
+    ],
+)
 def test_operators_on_a_number(cond: dict[str, Any], ok: bool) -> None:
     doc = one({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn", **cond})
     if ok:
@@ -112,10 +137,17 @@ def test_operators_on_a_number(cond: dict[str, Any], ok: bool) -> None:
         refused(doc, tee())
 
 
-@pytest.mark.parametrize(("cond", "ok"), [
-    ({"equals": False}, True), ({"equals": 0}, False), ({"equals": "false"}, False),
-    ({"notEquals": True}, True), ({"less": True}, False), ({"greaterOrEquals": False}, False),
-])
+@pytest.mark.parametrize(
+    ("cond", "ok"),
+    [
+        ({"equals": False}, True),
+        ({"equals": 0}, False),
+        ({"equals": "false"}, False),
+        ({"notEquals": True}, True),
+        ({"less": True}, False),
+        ({"greaterOrEquals": False}, False),
+    ],
+)
 def test_booleans_are_not_numbers(cond: dict[str, Any], ok: bool) -> None:
     doc = one({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-is-debuggable", **cond})
     if ok:
@@ -147,20 +179,39 @@ def test_exists_false_asks_for_absence() -> None:
 
 
 def test_condition_value_form() -> None:
-    doc = one({"claim": "x-ms-isolation-tee.x-ms-compliance-status", "condition": "equals",
-               "value": "azure-compliant-cvm"})
+    doc = one(
+        {
+            "claim": "x-ms-isolation-tee.x-ms-compliance-status",
+            "condition": "equals",
+            "value": "azure-compliant-cvm",
+        }
+    )
     policy.evaluate(doc, tee(), MAA)
-    doc = one({"claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn",
-               "condition": "greaterOrEquals", "value": 8})
-    assert refused(doc, tee()).message == ("x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn: "
-                                           "expected >= 8, got 7")
+    doc = one(
+        {
+            "claim": "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn",
+            "condition": "greaterOrEquals",
+            "value": 8,
+        }
+    )
+    assert refused(doc, tee()).message == (
+        "x-ms-isolation-tee.x-ms-sevsnpvm-guestsvn: expected >= 8, got 7"
+    )
 
 
 def test_nested_any_and_all() -> None:
-    doc = {"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": [
-        {"anyOf": [{"claim": "a", "equals": 1}, {"claim": "b", "equals": 2}]},
-        {"allOf": [{"claim": "c", "exists": True}]},
-    ]}]}
+    doc = {
+        "version": "1.0.0",
+        "anyOf": [
+            {
+                "authority": MAA,
+                "allOf": [
+                    {"anyOf": [{"claim": "a", "equals": 1}, {"claim": "b", "equals": 2}]},
+                    {"allOf": [{"claim": "c", "exists": True}]},
+                ],
+            }
+        ],
+    }
     policy.evaluate(doc, {"b": 2, "c": 0}, MAA)
     policy.evaluate(doc, {"a": 1, "c": 0}, MAA)
     err = refused(doc, {"a": 0, "b": 0, "c": 0})
@@ -170,11 +221,14 @@ def test_nested_any_and_all() -> None:
 
 
 def test_any_of_authorities_for_the_same_issuer() -> None:
-    doc = {"version": "1.0.0", "anyOf": [
-        {"authority": MAA, "allOf": [{"claim": "a", "equals": 1}]},
-        {"authority": MAA + "/", "allOf": [{"claim": "a", "equals": 2}]},
-        {"authority": "https://other.example", "allOf": [{"claim": "a", "equals": 3}]},
-    ]}
+    doc = {
+        "version": "1.0.0",
+        "anyOf": [
+            {"authority": MAA, "allOf": [{"claim": "a", "equals": 1}]},
+            {"authority": MAA + "/", "allOf": [{"claim": "a", "equals": 2}]},
+            {"authority": "https://other.example", "allOf": [{"claim": "a", "equals": 3}]},
+        ],
+    }
     policy.evaluate(doc, {"a": 2}, MAA)
     refused(doc, {"a": 3})
 
@@ -184,44 +238,71 @@ def test_literal_dotted_claim_name_wins() -> None:
 
 
 def test_keywords_are_case_blind() -> None:
-    doc = {"Version": "1.0.0", "anyof": [{"Authority": MAA, "allof": [
-        {"Claim": "a", "EQUALS": 1}, {"claim": "b", "condition": "notequals", "value": 2}]}]}
+    doc = {
+        "Version": "1.0.0",
+        "anyof": [
+            {
+                "Authority": MAA,
+                "allof": [
+                    {"Claim": "a", "EQUALS": 1},
+                    {"claim": "b", "condition": "notequals", "value": 2},
+                ],
+            }
+        ],
+    }
     policy.evaluate(doc, {"a": 1, "b": 3}, MAA)
 
 
 # --- parsing --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("doc", "fragment"), [
-    ("{", "not JSON"),
-    ([], "expected a JSON object"),
-    ({"anyOf": []}, "policy.version"),
-    ({"version": "2.0", "anyOf": []}, "policy.version"),
-    ({"version": "1.0.0"}, "exactly 'version' and 'anyOf'"),
-    ({"version": "1.0.0", "anyOf": []}, "non-empty"),
-    ({"version": "1.0.0", "anyOf": [{"allOf": []}]}, "missing 'authority'"),
-    ({"version": "1.0.0", "anyOf": [{"authority": "http://x", "allOf": [{"claim": "a",
-                                                                          "exists": True}]}]},
-     "https://"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": [{"claim": "a", "exists": True}],
-                                     "anyOf": [{"claim": "a", "exists": True}]}]},
-     "exactly one of anyOf or allOf"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA}]}, "exactly one of anyOf or allOf"),
-    ({"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": []}]}, "non-empty"),
-    (one({"claim": "a", "matches": "x"}), "unknown key"),
-    (one({"claim": "a", "equals": 1, "less": 2}), "exactly one operator"),
-    (one({"claim": "a"}), "exactly one operator"),
-    (one({"equals": 1}), "needs a 'claim'"),
-    (one({"claim": "", "equals": 1}), "dotted claim name"),
-    (one({"claim": "a..b", "equals": 1}), "dotted claim name"),
-    (one({"claim": "a", "equals": None}), "not null"),
-    (one({"claim": "a", "equals": {"x": 1}}), "not dict"),
-    (one({"claim": "a", "exists": "yes"}), "true or false"),
-    (one({"claim": "a", "condition": "like", "value": 1}), "unknown operator"),
-    (one({"claim": "a", "condition": "equals"}), "condition/value form"),
-    (one({"anyOf": [{"claim": "a", "equals": 1}], "claim": "b"}), "stand alone"),
-    (one({"claim": "a", "equals": 1, "Equals": 2}), "given twice"),
-])
+@pytest.mark.parametrize(
+    ("doc", "fragment"),
+    [
+        ("{", "not JSON"),
+        ([], "expected a JSON object"),
+        ({"anyOf": []}, "policy.version"),
+        ({"version": "2.0", "anyOf": []}, "policy.version"),
+        ({"version": "1.0.0"}, "exactly 'version' and 'anyOf'"),
+        ({"version": "1.0.0", "anyOf": []}, "non-empty"),
+        ({"version": "1.0.0", "anyOf": [{"allOf": []}]}, "missing 'authority'"),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [{"authority": "http://x", "allOf": [{"claim": "a", "exists": True}]}],
+            },
+            "https://",
+        ),
+        (
+            {
+                "version": "1.0.0",
+                "anyOf": [
+                    {
+                        "authority": MAA,
+                        "allOf": [{"claim": "a", "exists": True}],
+                        "anyOf": [{"claim": "a", "exists": True}],
+                    }
+                ],
+            },
+            "exactly one of anyOf or allOf",
+        ),
+        ({"version": "1.0.0", "anyOf": [{"authority": MAA}]}, "exactly one of anyOf or allOf"),
+        ({"version": "1.0.0", "anyOf": [{"authority": MAA, "allOf": []}]}, "non-empty"),
+        (one({"claim": "a", "matches": "x"}), "unknown key"),
+        (one({"claim": "a", "equals": 1, "less": 2}), "exactly one operator"),
+        (one({"claim": "a"}), "exactly one operator"),
+        (one({"equals": 1}), "needs a 'claim'"),
+        (one({"claim": "", "equals": 1}), "dotted claim name"),
+        (one({"claim": "a..b", "equals": 1}), "dotted claim name"),
+        (one({"claim": "a", "equals": None}), "not null"),
+        (one({"claim": "a", "equals": {"x": 1}}), "not dict"),
+        (one({"claim": "a", "exists": "yes"}), "true or false"),
+        (one({"claim": "a", "condition": "like", "value": 1}), "unknown operator"),
+        (one({"claim": "a", "condition": "equals"}), "condition/value form"),
+        (one({"anyOf": [{"claim": "a", "equals": 1}], "claim": "b"}), "stand alone"),
+        (one({"claim": "a", "equals": 1, "Equals": 2}), "given twice"),
+    ],
+)
 def test_parse_errors_are_one_line(doc: Any, fragment: str) -> None:
     err = invalid(json.dumps(doc) if not isinstance(doc, str) else doc)
     assert fragment in err.message
@@ -281,8 +362,10 @@ def test_policy_of_actual_values_passes_and_any_change_names_the_claim(
     claims: dict[str, Any], data: st.DataObject
 ) -> None:
     pairs = leaves(claims)
-    doc = {"version": "1.0.0",
-           "anyOf": [{"authority": MAA, "allOf": [{"claim": p, "equals": v} for p, v in pairs]}]}
+    doc = {
+        "version": "1.0.0",
+        "anyOf": [{"authority": MAA, "allOf": [{"claim": p, "equals": v} for p, v in pairs]}],
+    }
     policy.evaluate(doc, claims, MAA)
     path, value = data.draw(st.sampled_from(pairs))
     other = data.draw(scalars.filter(lambda x: kind(x) != kind(value) or x != value))
@@ -298,10 +381,27 @@ def test_policy_of_actual_values_passes_and_any_change_names_the_claim(
 
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5)),
-    lambda children: st.one_of(st.lists(children, max_size=3),
-                               st.dictionaries(st.sampled_from(
-                                   ["version", "anyOf", "allOf", "authority", "claim", "equals",
-                                    "condition", "value", "exists", "x"]), children, max_size=4)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(
+            st.sampled_from(
+                [
+                    "version",
+                    "anyOf",
+                    "allOf",
+                    "authority",
+                    "claim",
+                    "equals",
+                    "condition",
+                    "value",
+                    "exists",
+                    "x",
+                ]
+            ),
+            children,
+            max_size=4,
+        ),
+    ),
     max_leaves=15,
 )
 
@@ -319,23 +419,29 @@ def test_parse_only_ever_raises_config_error(doc: Any) -> None:
 conditions = st.builds(
     lambda claim, op, value: {"claim": claim, op: value},
     st.sampled_from(["a", "b", "c.d", "c.e", "missing"]),
-    st.sampled_from(["equals", "notEquals", "less", "lessOrEquals", "greater",
-                     "greaterOrEquals"]),
+    st.sampled_from(["equals", "notEquals", "less", "lessOrEquals", "greater", "greaterOrEquals"]),
     st.one_of(st.booleans(), st.integers(-3, 3), st.sampled_from(["x", "y"])),
-) | st.builds(lambda claim, v: {"claim": claim, "exists": v},
-              st.sampled_from(["a", "c.d", "missing"]), st.booleans())
+) | st.builds(
+    lambda claim, v: {"claim": claim, "exists": v},
+    st.sampled_from(["a", "c.d", "missing"]),
+    st.booleans(),
+)
 rules = st.recursive(
     conditions,
-    lambda children: st.builds(lambda kind, items: {kind: items},
-                               st.sampled_from(["anyOf", "allOf"]),
-                               st.lists(children, min_size=1, max_size=3)),
+    lambda children: st.builds(
+        lambda kind, items: {kind: items},
+        st.sampled_from(["anyOf", "allOf"]),
+        st.lists(children, min_size=1, max_size=3),
+    ),
     max_leaves=8,
 )
-flat_claims = st.fixed_dictionaries({
-    "a": st.one_of(st.booleans(), st.integers(-3, 3), st.sampled_from(["x", "y"])),
-    "b": st.one_of(st.integers(-3, 3), st.sampled_from(["x", "y"])),
-    "c": st.fixed_dictionaries({"d": st.integers(-3, 3), "e": st.sampled_from(["x", "y"])}),
-})
+flat_claims = st.fixed_dictionaries(
+    {
+        "a": st.one_of(st.booleans(), st.integers(-3, 3), st.sampled_from(["x", "y"])),
+        "b": st.one_of(st.integers(-3, 3), st.sampled_from(["x", "y"])),
+        "c": st.fixed_dictionaries({"d": st.integers(-3, 3), "e": st.sampled_from(["x", "y"])}),
+    }
+)
 
 
 @settings(max_examples=300)
@@ -357,10 +463,15 @@ def test_agrees_with_the_testbeds_independent_evaluator(
 
 def test_an_authority_without_a_scheme_means_https() -> None:
     """The tutorial's release-policy.json writes the bare host, which Key Vault accepts."""
-    bare = {"version": "1.0.0", "anyOf": [{
-        "authority": "sharedeus.eus.attest.azure.net",
-        "allOf": CVM_POLICY["anyOf"][0]["allOf"],
-    }]}
+    bare = {
+        "version": "1.0.0",
+        "anyOf": [
+            {
+                "authority": "sharedeus.eus.attest.azure.net",
+                "allOf": CVM_POLICY["anyOf"][0]["allOf"],
+            }
+        ],
+    }
     policy.evaluate(bare, tee(), MAA)
     assert refused(bare, tee(), "http://sharedeus.eus.attest.azure.net").details["claim"] == "iss"
     assert refused(bare, tee(), "https://other.attest.azure.net").details["claim"] == "iss"

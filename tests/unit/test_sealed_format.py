@@ -57,15 +57,27 @@ def make_model(root: Path, files: dict[str, bytes], dirs: tuple[str, ...] = ()) 
     return root
 
 
-def seal(model: Path, pkg: Path, *, chunk_size: int = 64, workers: int | None = None,
-         kek_n: int = 0) -> fmt.Header:
+def seal(
+    model: Path, pkg: Path, *, chunk_size: int = 64, workers: int | None = None, kek_n: int = 0
+) -> fmt.Header:
     with Destination(pkg) as out:
-        return seal_model(model, out, PemWrapper(sealedref.kek(kek_n).public_key()),
-                          chunk_size=chunk_size, workers=workers)
+        return seal_model(
+            model,
+            out,
+            PemWrapper(sealedref.kek(kek_n).public_key()),
+            chunk_size=chunk_size,
+            workers=workers,
+        )
 
 
-def unseal(pkg: Path, dest: Path, *, kek_n: int = 0, workers: int | None = None,
-           max_bytes: int | None = None) -> fmt.Header:
+def unseal(
+    pkg: Path,
+    dest: Path,
+    *,
+    kek_n: int = 0,
+    workers: int | None = None,
+    max_bytes: int | None = None,
+) -> fmt.Header:
     with Destination(dest, max_bytes=max_bytes) as d:
         return unseal_package(pkg, d, PemUnwrapper(sealedref.kek(kek_n)), workers=workers)
 
@@ -94,15 +106,27 @@ def test_an_independent_reader_reads_what_seal_writes(tmp_path: Path) -> None:
     # A directory is listed after its parent; files in stream order: depth-first, a
     # directory's own files before its subdirectories', names in byte order.
     assert [d["path"] for d in obj["manifest"]["directories"]] == [
-        "empty-dir", "tokenizer", "weights", "tokenizer/a", "tokenizer/a/b"]
+        "empty-dir",
+        "tokenizer",
+        "weights",
+        "tokenizer/a",
+        "tokenizer/a/b",
+    ]
     assert [f["path"] for f in obj["manifest"]["files"]] == [
-        "config.json", "tokenizer/a/b/c.txt", "weights/empty", "weights/shard-1.bin",
-        "weights/shard-2.bin"]
+        "config.json",
+        "tokenizer/a/b/c.txt",
+        "weights/empty",
+        "weights/shard-1.bin",
+        "weights/shard-2.bin",
+    ]
 
 
 def test_unseal_reads_what_an_independent_writer_writes(tmp_path: Path) -> None:
-    spec = sealedref.Spec(files={"a": os.urandom(130), "d/b": b"", "d/c": os.urandom(64)},
-                          directories=["d"], chunk_size=64)
+    spec = sealedref.Spec(
+        files={"a": os.urandom(130), "d/b": b"", "d/c": os.urandom(64)},
+        directories=["d"],
+        chunk_size=64,
+    )
     sealedref.install(sealedref.build(spec), tmp_path / "pkg")
     unseal(tmp_path / "pkg", tmp_path / "out")
     assert sealedref.tree(tmp_path / "out") == {
@@ -138,9 +162,14 @@ def test_known_answer(tmp_path: Path) -> None:
         write_package(scan(model), out, **inputs)
     data = (tmp_path / "pkg/model.sealed").read_bytes()
     # The same bytes from the spec alone.
-    spec = sealedref.Spec(files={"a.txt": b"hello world", "d/e": b""}, directories=["d"],
-                          chunk_size=4, dek=bytes(range(32)), salt=bytes(range(32, 64)),
-                          modes={"d/e": 0o600})
+    spec = sealedref.Spec(
+        files={"a.txt": b"hello world", "d/e": b""},
+        directories=["d"],
+        chunk_size=4,
+        dek=bytes(range(32)),
+        salt=bytes(range(32, 64)),
+        modes={"d/e": 0o600},
+    )
     header = spec.header()
     header["wrapped_dek"] = base64.b64encode(b"\x5a" * 256).decode()
     header["key_id"] = "sha256:" + "00" * 32
@@ -152,9 +181,9 @@ def test_known_answer(tmp_path: Path) -> None:
 # -- round trips -------------------------------------------------------------------------------
 
 
-NAME = st.text(
-    alphabet=st.sampled_from("abcxyz019._-é模 "), min_size=1, max_size=6
-).filter(lambda s: s not in (".", ".."))
+NAME = st.text(alphabet=st.sampled_from("abcxyz019._-é模 "), min_size=1, max_size=6).filter(
+    lambda s: s not in (".", "..")
+)
 
 
 @st.composite
@@ -218,8 +247,10 @@ def test_empty_model_has_one_empty_final_chunk(tmp_path: Path) -> None:
     data = (tmp_path / "pkg/model.sealed").read_bytes()
     assert len(data) == 12 + int.from_bytes(data[8:12], "big") + 16 + 16
     unseal(tmp_path / "pkg", tmp_path / "out")
-    assert sealedref.tree(tmp_path / "out") == {"only": ("dir", 0o755, b""),
-                                                "only/dirs": ("dir", 0o755, b"")}
+    assert sealedref.tree(tmp_path / "out") == {
+        "only": ("dir", 0o755, b""),
+        "only/dirs": ("dir", 0o755, b""),
+    }
 
 
 def test_only_empty_files(tmp_path: Path) -> None:
@@ -282,8 +313,16 @@ def test_seal_notices_a_file_that_changes(tmp_path: Path) -> None:
     tree = scan(model)
     (model / "a").write_bytes(b"b" * 10)
     with pytest.raises(ConfinferError) as info, Destination(tmp_path / "pkg") as out:
-        write_package(tree, out, dek=bytearray(32), wrapped_dek=b"w", key_id="k",
-                      salt=bytes(32), created="c", chunk_size=16)
+        write_package(
+            tree,
+            out,
+            dek=bytearray(32),
+            wrapped_dek=b"w",
+            key_id="k",
+            salt=bytes(32),
+            created="c",
+            chunk_size=16,
+        )
     assert info.value.reason == "model-changed"
     assert not (tmp_path / "pkg").exists()
 
@@ -294,8 +333,7 @@ def test_seal_notices_a_file_that_changes(tmp_path: Path) -> None:
 @given(sizes=st.lists(st.integers(0, 50), max_size=6), chunk=st.integers(1, 20))
 def test_layout_records_tile_the_package(sizes: list[int], chunk: int) -> None:
     files = tuple(fmt.FileEntry(f"f{n}", s, 0o644) for n, s in enumerate(sizes))
-    header = fmt.Header(chunk, bytes(32), "k", b"w", "c", fmt.chunk_count(files, chunk), (),
-                        files)
+    header = fmt.Header(chunk, bytes(32), "k", b"w", "c", fmt.chunk_count(files, chunk), (), files)
     layout = fmt.Layout(header, 100)
     offset, per_file = layout.data_offset, [0] * len(files)
     for ref in layout:
@@ -369,8 +407,14 @@ def test_header_schema_is_strict(path: list[str], value: Any, reason: str) -> No
 @pytest.mark.parametrize(
     "raw",
     [
-        b"", b"[]", b"\xff\xfe", b'{"version": 1, "version": 1}', b'{"version": NaN}',
-        b"[" * 100000, b'{"version": 1' + b"0" * 5000 + b"}", b"\xef\xbb\xbf{}",
+        b"",
+        b"[]",
+        b"\xff\xfe",
+        b'{"version": 1, "version": 1}',
+        b'{"version": NaN}',
+        b"[" * 100000,
+        b'{"version": 1' + b"0" * 5000 + b"}",
+        b"\xef\xbb\xbf{}",
     ],
 )
 def test_header_that_is_not_strict_json_is_refused(raw: bytes) -> None:
@@ -443,11 +487,18 @@ def test_pem_unwrap_refuses_other_keys_and_damage(tmp_path: Path) -> None:
 def test_pem_files_are_checked(tmp_path: Path) -> None:
     (tmp_path / "junk.pem").write_text("not a key")
     small = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505
-    (tmp_path / "small.pem").write_bytes(small.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    (tmp_path / "locked.pem").write_bytes(sealedref.kek().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pw")))
+    (tmp_path / "small.pem").write_bytes(
+        small.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    (tmp_path / "locked.pem").write_bytes(
+        sealedref.kek().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
     for path, loader in [
         (tmp_path / "junk.pem", PemWrapper.from_file),
         (tmp_path / "junk.pem", PemUnwrapper.from_file),
@@ -481,8 +532,9 @@ def test_chunk_cipher_matches_one_shot_gcm() -> None:
     plain = os.urandom(100)
     out = memoryview(bytearray(100 + 15))
     tag = cipher.seal_into(7, True, plain, out)
-    assert bytes(out[:100]) + tag == AESGCM(bytes(key)).encrypt(sealedref.nonce(7, True), plain,
-                                                                aad)
+    assert bytes(out[:100]) + tag == AESGCM(bytes(key)).encrypt(
+        sealedref.nonce(7, True), plain, aad
+    )
     back = memoryview(bytearray(115))
     assert cipher.open_into(7, True, out[:100], tag, back) == 100
     assert bytes(back[:100]) == plain
@@ -501,7 +553,7 @@ def test_gcm_stream_decryptor_in_pieces() -> None:
     dec = GcmStreamDecryptor(key, nonce)
     out, buf = bytearray(), bytearray(1000 + 15)
     for start in range(0, len(body), 999):
-        n = dec.update_into(body[start:start + 999], buf)
+        n = dec.update_into(body[start : start + 999], buf)
         out += buf[:n]
     dec.finalize(tag)
     assert bytes(out) == plain

@@ -97,14 +97,20 @@ def test_runtime_claims_shape() -> None:
     claims = json.loads(hcl.runtime_claims(AK.public_key(), VM_ID, user_data))
     (key,) = claims["keys"]
     assert key == {
-        "kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA", "e": "AQAB", "n": key["n"],
+        "kid": "HCLAkPub",
+        "key_ops": ["sign"],
+        "kty": "RSA",
+        "e": "AQAB",
+        "n": key["n"],
     }
     padded = key["n"] + "=" * (-len(key["n"]) % 4)
     assert int.from_bytes(base64.urlsafe_b64decode(padded), "big") == (
         AK.public_key().public_numbers().n
     )
     assert claims["vm-configuration"] == {
-        "console-enabled": False, "secure-boot": True, "tpm-enabled": True,
+        "console-enabled": False,
+        "secure-boot": True,
+        "tpm-enabled": True,
         "vmUniqueId": VM_ID,
     }
     assert claims["user-data"] == user_data.hex().upper()
@@ -130,8 +136,9 @@ def test_report_data_binding() -> None:
 
 @pytest.mark.parametrize("user_data", [None, bytes(range(64))])
 def test_built_report_is_bound_signed_and_fits(user_data: bytes | None) -> None:
-    raw = hcl.build_hcl_report(ak_public=AK.public_key(), vm_id=VM_ID, vcek_key=VCEK,
-                               user_data=user_data)
+    raw = hcl.build_hcl_report(
+        ak_public=AK.public_key(), vm_id=VM_ID, vcek_key=VCEK, user_data=user_data
+    )
     assert len(raw) <= hcl.NV_MAX_SIZE
     report = hcl.parse_hcl_report(raw)
     assert (report.request_type, report.report_type, report.hash_type) == (2, 2, 1)
@@ -158,7 +165,9 @@ def test_snp_signature_is_little_endian_r_s_over_first_0x2a0_bytes() -> None:
 def test_snp_field_offsets() -> None:
     report = replace(
         snp.testbed_guest_report(VM_ID, VCEK.public_key()),
-        report_data=b"\x11" * 64, host_data=b"\x22" * 32, chip_id=b"\x33" * 64,
+        report_data=b"\x11" * 64,
+        host_data=b"\x22" * 32,
+        chip_id=b"\x33" * 64,
     )
     raw = report.encode()
     assert struct.unpack_from("<IIQ", raw, 0) == (2, 1, snp.TESTBED_POLICY)
@@ -205,19 +214,35 @@ def test_snp_refuses_wrong_size_algo_and_curve() -> None:
 tcb = st.builds(snp.TcbVersion, *(st.integers(0, 255) for _ in range(4)))
 snp_reports = st.builds(
     snp.SnpReport,
-    version=u32(), guest_svn=u32(), policy=st.integers(0, 2**64 - 1),
-    family_id=st.binary(min_size=16, max_size=16), image_id=st.binary(min_size=16, max_size=16),
-    vmpl=u32(), signature_algo=u32(), current_tcb=tcb, platform_info=st.integers(0, 2**64 - 1),
-    key_info=u32(), report_data=st.binary(min_size=64, max_size=64),
-    measurement=st.binary(min_size=48, max_size=48), host_data=st.binary(min_size=32, max_size=32),
+    version=u32(),
+    guest_svn=u32(),
+    policy=st.integers(0, 2**64 - 1),
+    family_id=st.binary(min_size=16, max_size=16),
+    image_id=st.binary(min_size=16, max_size=16),
+    vmpl=u32(),
+    signature_algo=u32(),
+    current_tcb=tcb,
+    platform_info=st.integers(0, 2**64 - 1),
+    key_info=u32(),
+    report_data=st.binary(min_size=64, max_size=64),
+    measurement=st.binary(min_size=48, max_size=48),
+    host_data=st.binary(min_size=32, max_size=32),
     id_key_digest=st.binary(min_size=48, max_size=48),
     author_key_digest=st.binary(min_size=48, max_size=48),
-    report_id=st.binary(min_size=32, max_size=32), report_id_ma=st.binary(min_size=32, max_size=32),
-    reported_tcb=tcb, chip_id=st.binary(min_size=64, max_size=64), committed_tcb=tcb,
-    current_build=st.integers(0, 255), current_minor=st.integers(0, 255),
-    current_major=st.integers(0, 255), committed_build=st.integers(0, 255),
-    committed_minor=st.integers(0, 255), committed_major=st.integers(0, 255), launch_tcb=tcb,
-    signature_r=st.integers(0, 2**576 - 1), signature_s=st.integers(0, 2**576 - 1),
+    report_id=st.binary(min_size=32, max_size=32),
+    report_id_ma=st.binary(min_size=32, max_size=32),
+    reported_tcb=tcb,
+    chip_id=st.binary(min_size=64, max_size=64),
+    committed_tcb=tcb,
+    current_build=st.integers(0, 255),
+    current_minor=st.integers(0, 255),
+    current_major=st.integers(0, 255),
+    committed_build=st.integers(0, 255),
+    committed_minor=st.integers(0, 255),
+    committed_major=st.integers(0, 255),
+    launch_tcb=tcb,
+    signature_r=st.integers(0, 2**576 - 1),
+    signature_s=st.integers(0, 2**576 - 1),
 )
 
 
@@ -230,8 +255,12 @@ def test_snp_round_trip(report: snp.SnpReport) -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"report_data": bytes(65)}, {"measurement": bytes(47)}, {"vmpl": 2**32},
-     {"signature_r": 2**576}],
+    [
+        {"report_data": bytes(65)},
+        {"measurement": bytes(47)},
+        {"vmpl": 2**32},
+        {"signature_r": 2**576},
+    ],
 )
 def test_snp_field_out_of_range_is_refused(changes: dict[str, object]) -> None:
     with pytest.raises(snp.SnpReportError) as err:

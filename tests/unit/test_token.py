@@ -218,9 +218,7 @@ def test_untrusted_issuer_is_refused_before_any_fetch() -> None:
     assert issuer.fetched == []
 
 
-@pytest.mark.parametrize(
-    "alg", ["none", "HS256", "RS512", "PS256", None]
-)
+@pytest.mark.parametrize("alg", ["none", "HS256", "RS512", "PS256", None])
 def test_only_rs256_is_accepted(alg: str | None) -> None:
     issuer = Issuer([jwk("k1", key("a"))])
     head = {"alg": alg, "kid": "k1"}
