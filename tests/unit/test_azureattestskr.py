@@ -2,7 +2,7 @@
 
 The real tool prints the unwrapped key raw, with its trailing zero bytes stripped (it handles
 the key as a C string), then a newline. Running a tool (the testbed's stand-in, which behaves
-that way) is in tests/integration/test_azureattestskr.py.
+that way) is in tests/integration/test_cli_azureattestskr.py.
 """
 
 from __future__ import annotations
