@@ -167,3 +167,35 @@ def test_a_forged_key_id_reaches_the_terminal_escaped(
     assert not any(line.startswith("<0>") for line in lines)
     assert "\x1b" not in done.stderr
     assert "\\n<0>confinfer: all good\\x1b[2J" in done.stderr
+
+
+def test_a_release_signed_for_another_host_is_refused(
+    testbed: RunningTestbed, tmp_path: Path
+) -> None:
+    """The vault answers with a release signed by a certificate from the trusted chain, but
+    one issued for evil.example: not the vault that was asked, so not believed."""
+    pkg = tmp_path / "pkg"
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "weights.bin").write_bytes(os.urandom(1000))
+    sealed = run_confinfer(
+        "seal",
+        src,
+        "--out",
+        pkg,
+        "--key-id",
+        testbed.env["CONFINFER_KEY_ID"],
+        env=testbed.environ(),
+    )
+    assert sealed.returncode == 0, sealed.stderr
+    testbed.cli("fault", "kv-release", "--foreign-signer")
+    try:
+        done = run_confinfer(
+            "unseal", pkg, "--dest", tmp_path / "d", "--skr", env=testbed.environ()
+        )
+    finally:
+        testbed.cli("fault", "--clear")
+    assert done.returncode == Reason.RELEASE_SIGNATURE_INVALID.exit_code, done.stderr
+    assert "confinfer: release-signature-invalid: " in done.stderr
+    assert "not valid for 127.0.0.1" in done.stderr
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
