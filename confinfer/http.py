@@ -39,6 +39,7 @@ import requests.adapters
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from confinfer.closable import Closable
 from confinfer.config import Config
 from confinfer.errors import Reason, ServiceError, printable
 
@@ -197,7 +198,7 @@ def backoff(attempt: int) -> float:
     return jitter * min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2.0**attempt)
 
 
-class Http:
+class Http(Closable):
     """A session with the policy above. Not shared between threads; cheap to make."""
 
     def __init__(self, cfg: Config, *, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -211,12 +212,6 @@ class Http:
 
     def close(self) -> None:
         self._session.close()
-
-    def __enter__(self) -> Http:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def request(
         self,

@@ -38,26 +38,32 @@ def _bad(url: str, message: str) -> ServiceError:
     return ServiceError(f"imds at {url}: {message}", reason=Reason.IMDS_BAD_RESPONSE)
 
 
-def _json(reply: Reply) -> object:
+def _get(http: Http, url: str, step: str) -> Reply:
+    with log.step(step):
+        return http.request("GET", url, service=IMDS, headers=HEADERS)
+
+
+def _body(reply: Reply, shown: str) -> dict[str, object]:
+    """An IMDS answer's JSON object, or ServiceError naming ``shown`` (the URL, no query)."""
+    if reply.status != 200:
+        raise ServiceError(
+            f"imds at {shown}: HTTP {reply.status}: {error_text(reply)}",
+            reason=Reason.IMDS_UNAVAILABLE,
+        )
     try:
-        return reply.json()
+        body = reply.json()
     except ValueError:
-        raise _bad(reply.url, "not JSON") from None
+        raise _bad(shown, "not JSON") from None
+    if not isinstance(body, dict):
+        raise _bad(shown, "not a JSON object")
+    return body
 
 
 def vcek_chain(http: Http, cfg: Config) -> str:
     """The VCEK certificate and its ASK/ARK chain (PEM) from IMDS THIM."""
     url = f"{cfg.imds}{THIM_PATH}"
-    with log.step("imds-thim"):
-        reply = http.request("GET", url, service=IMDS, headers=HEADERS)
-    if reply.status != 200:
-        raise ServiceError(
-            f"imds at {url}: HTTP {reply.status}: {error_text(reply)}",
-            reason=Reason.IMDS_UNAVAILABLE,
-        )
-    body = _json(reply)
-    vcek = body.get("vcekCert") if isinstance(body, dict) else None
-    chain = body.get("certificateChain") if isinstance(body, dict) else None
+    body = _body(_get(http, url, "imds-thim"), url)
+    vcek, chain = body.get("vcekCert"), body.get("certificateChain")
     if not isinstance(vcek, str) or not isinstance(chain, str):
         raise _bad(url, "no vcekCert/certificateChain")
     pem = vcek if vcek.endswith("\n") else vcek + "\n"
@@ -93,8 +99,7 @@ def managed_identity_token(http: Http, cfg: Config, audience: str) -> AccessToke
     if client_id:
         query["client_id"] = client_id
     url = f"{cfg.imds}{TOKEN_PATH}?{urlencode(query)}"
-    with log.step("imds-token"):
-        reply = http.request("GET", url, service=IMDS, headers=HEADERS)
+    reply = _get(http, url, "imds-token")
     if reply.status in (400, 401, 403, 404):
         # IMDS answers 400 "Identity not found" when the VM has no (such) managed identity.
         raise AttestationError(
@@ -103,14 +108,8 @@ def managed_identity_token(http: Http, cfg: Config, audience: str) -> AccessToke
             hint="assign a managed identity to the VM; with several, set "
             "managed_identity_client_id",
         )
-    if reply.status != 200:
-        raise ServiceError(
-            f"imds at {cfg.imds}{TOKEN_PATH}: HTTP {reply.status}: {error_text(reply)}",
-            reason=Reason.IMDS_UNAVAILABLE,
-        )
-    body = _json(reply)
-    token = body.get("access_token") if isinstance(body, dict) else None
-    expires = body.get("expires_on") if isinstance(body, dict) else None
+    body = _body(reply, f"{cfg.imds}{TOKEN_PATH}")
+    token, expires = body.get("access_token"), body.get("expires_on")
     if not isinstance(token, str) or not token:
         raise _bad(f"{cfg.imds}{TOKEN_PATH}", "no access_token")
     try:

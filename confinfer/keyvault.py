@@ -57,6 +57,7 @@ from cryptography.x509.verification import (
 )
 
 from confinfer import imds, jose, log
+from confinfer.closable import Closable
 from confinfer.config import Config
 from confinfer.errors import (
     ConfinferError,
@@ -405,7 +406,7 @@ def _inner_code(reply: Reply) -> str | None:
     return str(code) if code else None
 
 
-class KeyVault:
+class KeyVault(Closable):
     """The Key Vault data plane for the keys ``cfg`` allows. Use with ``with``."""
 
     def __init__(self, cfg: Config, *, http: Http | None = None) -> None:
@@ -418,12 +419,6 @@ class KeyVault:
     def close(self) -> None:
         if self._own_http:
             self._http.close()
-
-    def __enter__(self) -> KeyVault:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # credentials
 
