@@ -27,7 +27,7 @@ LOG = logging.getLogger("confinfer.loader")
 
 def parse_size(text: str) -> int:
     """``4194304``, ``4M``, ``4MiB``, ``64G``: binary multiples."""
-    from confinfer.config import parse_size as parse
+    from confinfer.configvalues import parse_size as parse
 
     try:
         return parse(text)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from confinfer import config
+from confinfer import config, configvalues
 from confinfer.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -137,13 +137,13 @@ def test_empty_variable_means_unset_and_sizes_take_suffixes(tmp_path: Path) -> N
     [("4194304", 4194304), ("4M", 4 << 20), ("4MiB", 4 << 20), ("1 g", 1 << 30), ("7B", 7)],
 )
 def test_parse_size(text: str, value: int) -> None:
-    assert config.parse_size(text) == value
+    assert configvalues.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "4X", "-1", "1.5G", "M", "4iB", "\u0664M", "9" * 31])
 def test_parse_size_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="not a size"):
-        config.parse_size(text)
+        configvalues.parse_size(text)
 
 
 def test_release_roots_default_to_the_tls_bundle(tmp_path: Path) -> None:
@@ -509,9 +509,9 @@ def test_key_id_is_a_key_id_too(tmp_path: Path) -> None:
 
 
 def test_too_many_allowed_keys(tmp_path: Path) -> None:
-    kids = ",".join(f"{HSM_KID}{i}" for i in range(config.MAX_ITEMS + 1))
+    kids = ",".join(f"{HSM_KID}{i}" for i in range(configvalues.MAX_ITEMS + 1))
     err = env_refusal(tmp_path, "CONFINFER_KEYVAULT_ALLOWED_KEYS", kids)
-    assert err.message.endswith(f": more than {config.MAX_ITEMS} items")
+    assert err.message.endswith(f": more than {configvalues.MAX_ITEMS} items")
 
 
 @pytest.mark.parametrize("value", config.AZURE_CREDENTIALS)
