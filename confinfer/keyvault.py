@@ -471,14 +471,12 @@ class KeyVault(Closable):
 
     def _call(self, key: KeyId, operation: str, body: Mapping[str, Any] | None) -> Any:
         self._check_allowed(key)
-        version = key.version or ""
-        path = f"/keys/{quote(key.name)}" + (
-            f"/{quote(version)}"
-            if operation == "get" and version
-            else ""
-            if operation == "get"
-            else f"/{quote(version)}/{operation}"
-        )
+        # /keys/<name>[/<version>] reads the key; /keys/<name>/<version or "">/<op> acts on it.
+        path = f"/keys/{quote(key.name)}"
+        if operation == "get":
+            path += f"/{quote(key.version)}" if key.version else ""
+        else:
+            path += f"/{quote(key.version or '')}/{operation}"
         url = f"{key.vault_url}{path}?api-version={API_VERSION}"
         token = self.access_token(key, operation)
         headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
