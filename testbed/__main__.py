@@ -8,7 +8,7 @@
   gpu ACTION    cc-on | cc-off | devtools-on | devtools-off | lose | restore | show;
                 ``gpu set KEY=VALUE...`` for any state-file key (driver=, tamper=, gpus=, ...)
   fault SERVICE [--status N] [--retry-after S] [--latency S] [--down] [--foreign-signer]
-                [--count N]; fault --clear [SERVICE]
+                [--inject WHAT] [--count N]; fault --clear [SERVICE]
   pcr-extend    extends a vTPM PCR (default 7)
   ak-cert --days-left N
                 replaces the vTPM's AK certificate by one that expires in N days
@@ -251,6 +251,7 @@ def up(directory: Path, *, gpus: int = 1) -> float:
         urls: dict[str, str] = info["urls"]
         kid = create_kek(directory, urls, DEFAULT_KEK)
         skr_tool = write_skr_tool(directory)
+        nvattest_tool = write_nvattest_tool(directory)
         env = {
             "AZURE_POD_IDENTITY_AUTHORITY_HOST": urls["imds"],
             "CONFINFER_IMDS_URL": urls["imds"],
@@ -268,6 +269,7 @@ def up(directory: Path, *, gpus: int = 1) -> float:
             "CONFINFER_TESTBED_CLIENT_ID": identities.default.client_id,
             "CONFINFER_TESTBED_NOROLE_CLIENT_ID": identities.named("noroles").client_id,
             "CONFINFER_TESTBED_SKR_TOOL": str(skr_tool),
+            "CONFINFER_TESTBED_NVATTEST": str(nvattest_tool),
         }
         write_env_file(directory / ENV_FILE, env)
     except BaseException:
@@ -301,6 +303,37 @@ def write_skr_tool(directory: Path) -> Path:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(
         _SKR_WRAPPER.format(
+            python=sys.executable, directory=str(directory), package_root=package_root
+        ),
+        encoding="utf-8",
+    )
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path
+
+
+NVATTEST_TOOL_NAME = "nvattest"
+_NVATTEST_WRAPPER = """#!{python} -I
+# Written by `python -m testbed up`: the testbed's stand-in for NVIDIA's nvattest
+# (testbed/nvattest.py), bound to the testbed in {directory!r}.
+import sys
+sys.path.insert(0, {package_root!r})
+from testbed.nvattest import main
+sys.exit(main(sys.argv, testbed_dir={directory!r}))
+"""
+# testbed.nvattest.INJECTIONS, named here so that the parser does not import the tool.
+NVATTEST_INJECTIONS = ("nonce-mismatch", "bad-signature", "ocsp-revoked", "ocsp-nonce-mismatch")
+
+
+def write_nvattest_tool(directory: Path) -> Path:
+    """``DIR/bin/nvattest``: an executable that runs the stand-in nvattest with this Python,
+    bound to this testbed directory (as :func:`write_skr_tool` does for AzureAttestSKR)."""
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = directory / "bin" / NVATTEST_TOOL_NAME
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(
+        _NVATTEST_WRAPPER.format(
             python=sys.executable, directory=str(directory), package_root=package_root
         ),
         encoding="utf-8",
@@ -481,9 +514,24 @@ def cmd_fault(args: argparse.Namespace) -> int:
         raise TestbedError("name a service, or pass --clear", reason="usage")
     if args.foreign_signer and args.service != "kv-release":
         raise TestbedError("--foreign-signer is a kv-release fault", reason="usage")
-    if args.status is None and not args.down and args.latency <= 0 and not args.foreign_signer:
+    if args.inject is not None and args.service != "nvattest":
+        raise TestbedError("--inject is an nvattest fault", reason="usage")
+    if args.service == "nvattest" and (args.status is not None or args.down):
         raise TestbedError(
-            "a fault needs --status, --down, --latency or --foreign-signer", reason="usage"
+            "the nvattest knob takes --inject or --latency (nvattest-rim and nvattest-ocsp "
+            "take --status and --down)",
+            reason="usage",
+        )
+    if (
+        args.status is None
+        and not args.down
+        and args.latency <= 0
+        and not args.foreign_signer
+        and args.inject is None
+    ):
+        raise TestbedError(
+            "a fault needs --status, --down, --latency, --foreign-signer or --inject",
+            reason="usage",
         )
     if args.status is not None and not 100 <= args.status <= 599:
         raise TestbedError("--status must be an HTTP status, 100..599", reason="usage")
@@ -498,6 +546,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
             down=args.down,
             count=args.count,
             foreign_signer=args.foreign_signer,
+            inject=args.inject,
         ),
     )
     return 0
@@ -597,6 +646,11 @@ def parser() -> argparse.ArgumentParser:
         "--foreign-signer",
         action="store_true",
         help="kv-release: sign with a valid certificate for another host",
+    )
+    p.add_argument(
+        "--inject",
+        choices=NVATTEST_INJECTIONS,
+        help="nvattest: corrupt the evidence or the OCSP answers this way",
     )
     p.add_argument("--clear", action="store_true", help="clear the service's (or all) faults")
     p = command("pcr-extend", cmd_pcr_extend, "extend a vTPM PCR")

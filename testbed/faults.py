@@ -18,8 +18,20 @@ from pathlib import Path
 # The services' own knobs, then the narrower ones: "ak-renew" (IMDS's AK-certificate renewal
 # route only), "kv-release" (Key Vault release answers only; adds foreign_signer) and
 # "azureattestskr" (the stand-in AzureAttestSKR tool: status = the release's HTTP status,
-# down = a transport failure, latency = a sleep).
-SERVICES = ("imds", "maa", "keyvault", "ak-renew", "kv-release", "azureattestskr")
+# down = a transport failure, latency = a sleep); "nvattest" (the stand-in nvattest: inject =
+# an evidence or OCSP-answer fault, latency = a sleep), "nvattest-rim" and "nvattest-ocsp" (the
+# RIM service and OCSP responder as that tool sees them: down, status, latency).
+SERVICES = (
+    "imds",
+    "maa",
+    "keyvault",
+    "ak-renew",
+    "kv-release",
+    "azureattestskr",
+    "nvattest",
+    "nvattest-rim",
+    "nvattest-ocsp",
+)
 
 
 @dataclass
@@ -30,6 +42,7 @@ class Fault:
     down: bool = False  # drop the connection without an answer
     count: int = -1  # requests affected; -1 = until cleared
     foreign_signer: bool = False  # kv-release: sign with a valid certificate for another host
+    inject: str | None = None  # nvattest: nonce-mismatch, bad-signature, ocsp-revoked, ...
 
 
 class Faults:
