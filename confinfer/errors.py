@@ -85,6 +85,8 @@ class Reason(enum.StrEnum):
     WRAPPED_DEK_INVALID = "wrapped-dek-invalid"
     # a remote service is unavailable
     SERVICE = "service"
+    ATTESTD_BAD_RESPONSE = "attestd-bad-response"
+    ATTESTD_UNAVAILABLE = "attestd-unavailable"
     IMDS_BAD_RESPONSE = "imds-bad-response"
     IMDS_TLS = "imds-tls"
     IMDS_UNAVAILABLE = "imds-unavailable"
@@ -168,6 +170,24 @@ class Reason(enum.StrEnum):
     SKR_TOOL_MISSING = "skr-tool-missing"
     # signals
     INTERRUPTED = "interrupted"
+    # attestd states short of revoked: starting, healthy, degraded inside a grace. A client that
+    # must fail on one (the loader tired of waiting for healthy) fails as unavailable.
+    ATTESTD_STARTING = "attestd-starting"
+    ATTESTD_HEALTHY = "attestd-healthy"
+    ATTESTD_REATTESTING = "attestd-reattesting"
+    AK_CERT_RENEWAL_FAILED = "ak-cert-renewal-failed"
+    GPU_COLLATERAL_UNAVAILABLE = "gpu-collateral-unavailable"
+    GPU_RESET = "gpu-reset"
+    # attestd revoked: a measured hard failure, or a grace that expired
+    GPU_CC_OFF = "gpu-cc-off"
+    GPU_NOT_PRODUCTION = "gpu-not-production"
+    GPU_DEVTOOLS = "gpu-devtools"
+    GPU_COUNT_MISMATCH = "gpu-count-mismatch"
+    GPU_LOST = "gpu-lost"
+    GPU_EVIDENCE_INVALID = "gpu-evidence-invalid"
+    GPU_NONCE_MISMATCH = "gpu-nonce-mismatch"
+    GRACE_EXPIRED = "grace-expired"
+    AK_CERT_EXPIRED = "ak-cert-expired"
 
     @property
     def kind(self) -> Kind:
@@ -189,6 +209,8 @@ def _kinds() -> dict[Reason, Kind]:
         Reason.ATTESTATION: Kind.REFUSED,
         Reason.CONFIG: Kind.CONFIG,
         Reason.INTERRUPTED: Kind.INTERRUPTED,
+        Reason.ATTESTD_STARTING: Kind.UNAVAILABLE,
+        Reason.GPU_CC_OFF: Kind.REFUSED,
     }
     kinds: dict[Reason, Kind] = {}
     current = Kind.USAGE
