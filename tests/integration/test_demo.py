@@ -29,6 +29,9 @@ def test_demo_runs_end_to_end() -> None:
     # The refusals it shows are the real ones, with their reasons.
     assert "confinfer: chunk-integrity: " in result.stderr
     assert "confinfer: keyvault-forbidden: " in result.stderr
+    assert "confinfer: key-mismatch: the package names the key https://attacker.example/" in (
+        result.stderr
+    )
     # It stops what it started: `testbed status` exits 1 when nothing of it runs.
     status = subprocess.run(
         [
