@@ -83,6 +83,13 @@ class Config:
     max_retries: int = 4
     http_max_response_bytes: int = 4 * MiB
     max_bytes: int | None = None
+    nvattest_path: Path | None = None
+    nvattest_rim_url: str | None = None
+    nvattest_ocsp_url: str | None = None
+    gpu_evidence_timeout_s: float = 120.0
+    gpu_evidence_max_age_s: float = 300.0
+    gpu_expected_count: int = 1
+    gpu_fast_check_s: float = 5.0
     # Where each value came from: a file path, "$CONFINFER_<KEY>" or "--<flag>".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -249,6 +256,48 @@ SETTINGS: tuple[Setting[Any], ...] = (
         parse=optional(parse_bytes(0, 1 * PiB)),
         default=None,
         doc="Largest model one unseal may write; unset means no cap.",
+    ),
+    Setting(
+        "nvattest_path",
+        parse=optional(parse_path),
+        default=None,
+        doc="The nvattest CLI that attestd runs for GPU evidence; unset means nvattest on PATH.",
+    ),
+    Setting(
+        "nvattest_rim_url",
+        parse=optional(parse_https_url),
+        default=None,
+        doc="RIM service base URL nvattest uses (--rim-url); unset means nvattest's default.",
+    ),
+    Setting(
+        "nvattest_ocsp_url",
+        parse=optional(parse_https_url),
+        default=None,
+        doc="OCSP responder URL nvattest uses (--ocsp-url); unset means nvattest's default.",
+    ),
+    Setting(
+        "gpu_evidence_timeout_s",
+        parse=parse_seconds(3600.0),
+        default=120.0,
+        doc="Overall deadline of one nvattest run; on expiry its process group is killed.",
+    ),
+    Setting(
+        "gpu_evidence_max_age_s",
+        parse=parse_seconds(86400.0),
+        default=300.0,
+        doc="Oldest GPU evidence result (its EAT's iat) accepted as fresh.",
+    ),
+    Setting(
+        "gpu_expected_count",
+        parse=parse_int(0, 64),
+        default=1,
+        doc="GPUs this VM must have; the fast checks compare NVML's count with it.",
+    ),
+    Setting(
+        "gpu_fast_check_s",
+        parse=parse_seconds(300.0),
+        default=5.0,
+        doc="Interval of attestd's NVML fast checks (CC mode, environment, DevTools, GPU set).",
     ),
 )
 

@@ -178,6 +178,7 @@ class Reason(enum.StrEnum):
     AK_CERT_RENEWAL_FAILED = "ak-cert-renewal-failed"
     GPU_COLLATERAL_UNAVAILABLE = "gpu-collateral-unavailable"
     GPU_RESET = "gpu-reset"
+    GPU_VERIFIER_TIMEOUT = "gpu-verifier-timeout"
     # attestd revoked: a measured hard failure, or a grace that expired
     GPU_CC_OFF = "gpu-cc-off"
     GPU_NOT_PRODUCTION = "gpu-not-production"
@@ -186,6 +187,7 @@ class Reason(enum.StrEnum):
     GPU_LOST = "gpu-lost"
     GPU_EVIDENCE_INVALID = "gpu-evidence-invalid"
     GPU_NONCE_MISMATCH = "gpu-nonce-mismatch"
+    GPU_VERIFIER_FAILED = "gpu-verifier-failed"
     GRACE_EXPIRED = "grace-expired"
     AK_CERT_EXPIRED = "ak-cert-expired"
 

@@ -714,6 +714,10 @@ NATIVE = {  # each key that TOML gives a non-string value for, and values of tha
     "max_retries": INTEGERS,
     "http_max_response_bytes": INTEGERS | st.integers(0, 1 << 31),
     "max_bytes": INTEGERS | st.integers(0, 1 << 51),
+    "gpu_evidence_timeout_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 5000),
+    "gpu_evidence_max_age_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
+    "gpu_expected_count": INTEGERS,
+    "gpu_fast_check_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 500),
 }
 
 
