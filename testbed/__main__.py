@@ -250,8 +250,10 @@ def up(directory: Path, *, gpus: int = 1) -> float:
         gpu = gpu_job.result()
         urls: dict[str, str] = info["urls"]
         kid = create_kek(directory, urls, DEFAULT_KEK)
-        skr_tool = write_skr_tool(directory)
-        nvattest_tool = write_nvattest_tool(directory)
+        skr_tool = write_tool(
+            directory, SKR_TOOL_NAME, "azureattestskr", "Microsoft's AzureAttestSKR"
+        )
+        nvattest_tool = write_tool(directory, NVATTEST_TOOL_NAME, "nvattest", "NVIDIA's nvattest")
         env = {
             "AZURE_POD_IDENTITY_AUTHORITY_HOST": urls["imds"],
             "CONFINFER_IMDS_URL": urls["imds"],
@@ -284,26 +286,32 @@ def up(directory: Path, *, gpus: int = 1) -> float:
 
 
 SKR_TOOL_NAME = "AzureAttestSKR"
-_SKR_WRAPPER = """#!{python} -I
-# Written by `python -m testbed up`: the testbed's stand-in for Microsoft's AzureAttestSKR
-# (testbed/azureattestskr.py), bound to the testbed in {directory!r}.
+_TOOL_WRAPPER = """#!{python} -I
+# Written by `python -m testbed up`: the testbed's stand-in for {what}
+# (testbed/{module}.py), bound to the testbed in {directory!r}.
 import sys
 sys.path.insert(0, {package_root!r})
-from testbed.azureattestskr import main
+from testbed.{module} import main
 sys.exit(main(sys.argv, testbed_dir={directory!r}))
 """
+NVATTEST_TOOL_NAME = "nvattest"
 
 
-def write_skr_tool(directory: Path) -> Path:
-    """``DIR/bin/AzureAttestSKR``: an executable that runs the stand-in with this Python and
-    knows its testbed directory (``-I``: the caller's PYTHON* variables do not change it)."""
+def write_tool(directory: Path, name: str, module: str, what: str) -> Path:
+    """``DIR/bin/NAME``: an executable that runs the stand-in ``testbed.MODULE`` with this
+    Python, bound to this testbed directory (``-I``: the caller's PYTHON* variables do not
+    change it)."""
     package_root = str(Path(__file__).resolve().parent.parent)
-    path = directory / "bin" / SKR_TOOL_NAME
+    path = directory / "bin" / name
     path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(
-        _SKR_WRAPPER.format(
-            python=sys.executable, directory=str(directory), package_root=package_root
+        _TOOL_WRAPPER.format(
+            python=sys.executable,
+            directory=str(directory),
+            package_root=package_root,
+            module=module,
+            what=what,
         ),
         encoding="utf-8",
     )
@@ -312,35 +320,8 @@ def write_skr_tool(directory: Path) -> Path:
     return path
 
 
-NVATTEST_TOOL_NAME = "nvattest"
-_NVATTEST_WRAPPER = """#!{python} -I
-# Written by `python -m testbed up`: the testbed's stand-in for NVIDIA's nvattest
-# (testbed/nvattest.py), bound to the testbed in {directory!r}.
-import sys
-sys.path.insert(0, {package_root!r})
-from testbed.nvattest import main
-sys.exit(main(sys.argv, testbed_dir={directory!r}))
-"""
 # testbed.nvattest.INJECTIONS, named here so that the parser does not import the tool.
 NVATTEST_INJECTIONS = ("nonce-mismatch", "bad-signature", "ocsp-revoked", "ocsp-nonce-mismatch")
-
-
-def write_nvattest_tool(directory: Path) -> Path:
-    """``DIR/bin/nvattest``: an executable that runs the stand-in nvattest with this Python,
-    bound to this testbed directory (as :func:`write_skr_tool` does for AzureAttestSKR)."""
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = directory / "bin" / NVATTEST_TOOL_NAME
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(
-        _NVATTEST_WRAPPER.format(
-            python=sys.executable, directory=str(directory), package_root=package_root
-        ),
-        encoding="utf-8",
-    )
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
-    return path
 
 
 def _provision_gpu(directory: Path, gpus: int) -> fakegpu.FakeGpu:
