@@ -72,39 +72,26 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-_CA_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
-_ISSUING_CA_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
-_TLS_SERVER_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=True,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+def _key_usage(*on: str) -> x509.KeyUsage:
+    """A KeyUsage extension with exactly the named bits set."""
+    bits = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    assert set(on) <= set(bits)  # noqa: S101 - a typo here is a testbed bug
+    return x509.KeyUsage(**{bit: bit in on for bit in bits})
+
+
+_CA_USAGE = _key_usage("digital_signature", "key_cert_sign", "crl_sign")
+_ISSUING_CA_USAGE = _key_usage("key_cert_sign", "crl_sign")
+_TLS_SERVER_USAGE = _key_usage("digital_signature", "key_encipherment")
 TLS_HOSTS_IP = ("127.0.0.1", "::1")
 TLS_HOSTS_DNS = ("localhost",)
 FOREIGN_HOST = "evil.example"
