@@ -42,13 +42,13 @@ Result codes (the mapping, :func:`classify_rc`):
 Every :class:`GpuEvidenceResult` keeps the exact stdout bytes (the nvattest JSON, for
 ``/v1/evidence``), their SHA-256, the parsed document and its detached EAT.
 
-TODO (issue 8 item 3): the legacy backend, NVIDIA's Python local GPU verifier run in its own
-virtualenv, is not implemented; only ``nvattest`` is.
+The legacy backend, NVIDIA's Python local GPU verifier run in its own virtualenv, is
+:mod:`attestd.lgv` (``gpu_evidence_backend = "lgv"``); it reuses :func:`run_process` and
+:class:`GpuEvidenceResult` and maps its failures to the same reasons.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -605,15 +605,36 @@ def check_eat(
 # --- deciding ----------------------------------------------------------------------------------
 
 
-def decide(
+@dataclass
+class Outcome:
+    """What every backend decides first about one run: the fields each result carries
+    (``base``), the last log line, and, when the run itself failed (could not start, missed its
+    deadline, printed too much), that result."""
+
+    base: dict[str, Any]
+    log: str
+    stderr: str
+    early: GpuEvidenceResult | None = None
+
+    def failed(self, reason: Reason, detail: str, **more: Any) -> GpuEvidenceResult:
+        return GpuEvidenceResult(
+            GpuEvidenceFailed(reason, printable(detail, 300)), **self.base, **more
+        )
+
+
+def outcome(
     output: RunOutput,
     nonce: str,
-    options: NvattestOptions,
     *,
+    tool: str,
+    executable: object,
+    timeout_s: float,
+    max_stdout_bytes: int,
     now: float,
-    started_at: float | None = None,
-) -> GpuEvidenceResult:
-    """The verdict on one run's output (pure: no process, no clock but ``now``)."""
+    started_at: float | None,
+) -> Outcome:
+    """The part of a verdict that is the same for every verifier run under
+    :func:`run_process`; the stdout and its SHA-256 join ``base`` when the run finished."""
     stderr = output.stderr_tail.decode("utf-8", "replace")
     log = _last_log_line(stderr)
     base: dict[str, Any] = {
@@ -623,30 +644,50 @@ def decide(
         "stderr_tail": stderr,
         "exit_status": output.returncode,
     }
-
-    def failed(reason: Reason, detail: str, **more: Any) -> GpuEvidenceResult:
-        return GpuEvidenceResult(GpuEvidenceFailed(reason, printable(detail, 300)), **base, **more)
-
+    result = Outcome(base, log, stderr)
     if output.start_error is not None:
-        return failed(
-            Reason.GPU_VERIFIER_FAILED,
-            f"cannot run {options.executable}: {output.start_error}",
+        result.early = result.failed(
+            Reason.GPU_VERIFIER_FAILED, f"cannot run {executable}: {output.start_error}"
         )
-    if output.timed_out:
-        detail = f"nvattest did not finish within {options.timeout_s:g} s and was killed" + (
+    elif output.timed_out:
+        detail = f"{tool} did not finish within {timeout_s:g} s and was killed" + (
             f"; last log: {log}" if log else ""
         )
-        return GpuEvidenceResult(
+        result.early = GpuEvidenceResult(
             GpuCollateralUnreachable(printable(detail, 300), Reason.GPU_VERIFIER_TIMEOUT), **base
         )
-    if output.too_large:
-        return failed(
-            Reason.GPU_VERIFIER_FAILED,
-            f"nvattest printed more than {options.max_stdout_bytes} bytes; killed",
+    elif output.too_large:
+        result.early = result.failed(
+            Reason.GPU_VERIFIER_FAILED, f"{tool} printed more than {max_stdout_bytes} bytes; killed"
         )
-    raw = output.stdout
-    digest = hashlib.sha256(raw).hexdigest()
-    base |= {"raw_json": raw, "sha256": digest}
+    else:
+        base |= {"raw_json": output.stdout, "sha256": hashlib.sha256(output.stdout).hexdigest()}
+    return result
+
+
+def decide(
+    output: RunOutput,
+    nonce: str,
+    options: NvattestOptions,
+    *,
+    now: float,
+    started_at: float | None = None,
+) -> GpuEvidenceResult:
+    """The verdict on one run's output (pure: no process, no clock but ``now``)."""
+    run = outcome(
+        output,
+        nonce,
+        tool="nvattest",
+        executable=options.executable,
+        timeout_s=options.timeout_s,
+        max_stdout_bytes=options.max_stdout_bytes,
+        now=now,
+        started_at=started_at,
+    )
+    if run.early is not None:
+        return run.early
+    base, log, stderr, failed = run.base, run.log, run.stderr, run.failed
+    raw, digest = output.stdout, base["sha256"]
     if output.returncode is not None and output.returncode < 0:
         return failed(
             Reason.GPU_VERIFIER_FAILED,
@@ -715,11 +756,6 @@ class NvattestBackend:
             max_stdout_bytes=self.options.max_stdout_bytes,
         )
         return decide(output, nonce, self.options, now=time.time(), started_at=started)
-
-    async def attest_async(self, nonce: str | None = None) -> GpuEvidenceResult:
-        """:meth:`attest` in a worker thread; the deadline bounds it even if the caller is
-        cancelled (the thread finishes and kills the run's process group)."""
-        return await asyncio.to_thread(self.attest, nonce)
 
 
 __all__ = [

@@ -8,7 +8,11 @@ types live here, and attestd serialises these same dataclasses.
 - ``GET /v1/health``: one :class:`Health` object; HTTP 200 when healthy, 503 otherwise.
 - ``GET /v1/events``: newline-delimited :class:`Event` objects, the current state first, then
   one per state change. Empty lines are keep-alives.
-- ``GET /v1/evidence?nonce=HEX`` and ``GET /metrics``: named here, read by other clients.
+- ``GET /v1/evidence?nonce=HEX``: one :class:`Evidence` object, a fresh MAA token that binds
+  the caller's nonce, the GPU verifier's result and the TLS key (DESIGN.md §9).
+- ``GET /metrics``: Prometheus text, read by the metrics scraper.
+- Any other answer that is not 200 is an :class:`ErrorBody`, ``{"error": ..., "reason": ...}``;
+  :func:`error_status` is the HTTP status each reason's kind gets.
 
 What comes over the socket is checked as hostile input (DESIGN.md §8): exact members and types,
 finite numbers, known states and registered reasons, bounded sizes. Anything else is refused
@@ -22,10 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import http.client
 import json
 import math
 import os
+import re
 import socket
 import threading
 from collections.abc import Iterator, Mapping
@@ -33,7 +39,15 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from confinfer.closable import Closable
-from confinfer.errors import Kind, Reason, ServiceError, printable
+from confinfer.errors import (
+    AttestationError,
+    ConfinferError,
+    Kind,
+    Reason,
+    ServiceError,
+    UsageError,
+    printable,
+)
 
 DEFAULT_SOCKET = "/run/attestd/attestd.sock"
 HEALTH_PATH = "/v1/health"
@@ -47,6 +61,14 @@ MAX_EVENT_LINE_BYTES = 16 * 1024
 MAX_LINE_CHARS = 1000  # a state's human line
 MAX_GPUS = 64
 MAX_UUID_CHARS = 128
+MAX_EVIDENCE_BYTES = 4 * 1024 * 1024  # the GPU result carries certificate chains per GPU
+MAX_TOKEN_CHARS = 64 * 1024
+MAX_ERROR_BYTES = 8 * 1024
+MIN_NONCE_BYTES = 16
+MAX_NONCE_BYTES = 64
+MAX_RETRY_AFTER_S = 3600
+EVIDENCE_TIMEOUT_S = 120.0  # a fresh attestation: the vTPM, IMDS and MAA, with retries
+GPU_BACKENDS = ("nvattest", "lgv")
 
 
 class State(enum.StrEnum):
@@ -343,6 +365,172 @@ class Event:
         )
 
 
+_HEX = re.compile(r"[0-9a-f]+")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_JWS_COMPACT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def _pattern(obj: Mapping[str, Any], key: str, pattern: re.Pattern[str], what: str) -> str:
+    value = obj[key]
+    if not isinstance(value, str) or pattern.fullmatch(value) is None:
+        raise _bad(f"{what}.{key}: not of the expected form")
+    return value
+
+
+def _nonce_hex(obj: Mapping[str, Any], what: str) -> str:
+    value = obj["nonce"]
+    if (
+        not isinstance(value, str)
+        or not MIN_NONCE_BYTES * 2 <= len(value) <= MAX_NONCE_BYTES * 2
+        or len(value) % 2
+        or _HEX.fullmatch(value) is None
+    ):
+        raise _bad(
+            f"{what}.nonce: not {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes in lowercase hex"
+        )
+    return value
+
+
+_EVIDENCE_MEMBERS = {
+    "nonce",
+    "token",
+    "gpu_result",
+    "gpu_result_sha256",
+    "gpu_backend",
+    "gpu_attested_at",
+    "tls_key_sha256",
+    "issued_at",
+}
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The answer to ``GET /v1/evidence?nonce=HEX`` (DESIGN.md §9).
+
+    ``nonce``: the caller's nonce in lowercase hex. ``token``: a fresh MAA token (compact JWS)
+    whose ``x-ms-runtime.client-payload`` carries ``nonce``, ``gpu-result-sha256`` and, when a
+    TLS key is configured, ``tls-key-sha256``. ``gpu_result``: the GPU verifier's JSON output
+    exactly as it printed it, so that ``gpu_result_sha256`` is the SHA-256 of its UTF-8 bytes.
+    ``gpu_backend``: which verifier (``nvattest`` or ``lgv``); ``gpu_attested_at``: when that
+    result was obtained. ``tls_key_sha256``: SHA-256 of the TLS key's SubjectPublicKeyInfo
+    (DER), None when none is bound. ``issued_at``: when this answer was made.
+
+    Whoever checks evidence must still verify the token itself (issuer, JWKS, claims policy)
+    and the GPU result against its own GPU policy; :meth:`from_json` checks only its shape and
+    that the digest matches the result.
+    """
+
+    nonce: str
+    token: str
+    gpu_result: str
+    gpu_result_sha256: str
+    gpu_backend: str
+    gpu_attested_at: float
+    tls_key_sha256: str | None
+    issued_at: float
+
+    @staticmethod
+    def digest(gpu_result: str) -> str:
+        """``gpu_result_sha256`` for a GPU result."""
+        return hashlib.sha256(gpu_result.encode("utf-8")).hexdigest()
+
+    def to_obj(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_obj(), separators=(",", ":"), allow_nan=False)
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Self:
+        what = "evidence"
+        obj = _load(data, what)
+        _members(obj, _EVIDENCE_MEMBERS, what)
+        token = obj["token"]
+        if (
+            not isinstance(token, str)
+            or len(token) > MAX_TOKEN_CHARS
+            or _JWS_COMPACT.fullmatch(token) is None
+        ):
+            raise _bad(f"{what}.token: not a compact JWS of at most {MAX_TOKEN_CHARS} characters")
+        gpu_result = obj["gpu_result"]
+        if not isinstance(gpu_result, str):
+            raise _bad(f"{what}.gpu_result: not a string")
+        digest = _pattern(obj, "gpu_result_sha256", _SHA256_HEX, what)
+        if cls.digest(gpu_result) != digest:
+            raise _bad(f"{what}.gpu_result_sha256: not the SHA-256 of gpu_result")
+        backend = obj["gpu_backend"]
+        if backend not in GPU_BACKENDS:
+            raise _bad(f"{what}.gpu_backend: unknown backend {printable(backend, 40)!r}")
+        tls = obj["tls_key_sha256"]
+        return cls(
+            nonce=_nonce_hex(obj, what),
+            token=token,
+            gpu_result=gpu_result,
+            gpu_result_sha256=digest,
+            gpu_backend=backend,
+            gpu_attested_at=_time(obj, "gpu_attested_at", what),
+            tls_key_sha256=None
+            if tls is None
+            else _pattern(obj, "tls_key_sha256", _SHA256_HEX, what),
+            issued_at=_time(obj, "issued_at", what),
+        )
+
+
+# --- errors on the wire ----------------------------------------------------------------------
+
+_STATUS = {
+    Kind.USAGE: 400,
+    Kind.REFUSED: 403,
+    Kind.UNAVAILABLE: 503,
+}
+
+
+def error_status(reason: Reason) -> int:
+    """The HTTP status of a failure answer: 429 for ``evidence-rate-limited``, then by the
+    reason's kind: usage 400, refused 403, unavailable 503, anything else 500."""
+    if reason is Reason.EVIDENCE_RATE_LIMITED:
+        return 429
+    return _STATUS.get(reason.kind, 500)
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """The body of every answer that is not 200 (health's 503 aside): one printable line and
+    the registered reason."""
+
+    error: str
+    reason: Reason
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"error": printable(self.error, MAX_LINE_CHARS), "reason": self.reason.value},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, data: str | bytes) -> Self:
+        what = "error"
+        obj = _load(data, what)
+        _members(obj, {"error", "reason"}, what)
+        value = obj["reason"]
+        try:
+            reason = Reason(value)
+        except ValueError:
+            raise _bad(f"{what}.reason: unknown reason {printable(value, 60)!r}") from None
+        return cls(error=_text(obj, "error", what), reason=reason)
+
+    def exception(self) -> ConfinferError:
+        """The failure as the client raises it, its class taken from the reason's kind."""
+        message = f"attestd: {self.error}"
+        if self.reason.kind is Kind.UNAVAILABLE:
+            return ServiceError(message, reason=self.reason)
+        if self.reason.kind is Kind.REFUSED:
+            return AttestationError(message, reason=self.reason)
+        if self.reason.kind is Kind.USAGE:
+            return UsageError(message, reason=self.reason)
+        return ConfinferError(message, reason=self.reason)
+
+
 # --- the client ------------------------------------------------------------------------------
 
 
@@ -405,10 +593,21 @@ class Client:
         self.timeout = timeout
 
     def _get(
-        self, path: str, accept: str, timeout: float | None
+        self,
+        path: str,
+        accept: str,
+        timeout: float | None,
+        *,
+        answer_timeout: float | None = None,
     ) -> tuple[_UnixConnection, http.client.HTTPResponse]:
+        """Send the request; ``answer_timeout`` (default ``self.timeout``) bounds the wait for
+        the status line, ``timeout`` each read after it."""
         conn = _UnixConnection(self.socket_path, self.timeout)
         try:
+            if answer_timeout is not None:
+                conn.connect()
+                if conn.unix_sock is not None:
+                    conn.unix_sock.settimeout(answer_timeout)
             conn.request("GET", path, headers={"Accept": accept})
             response = conn.getresponse()
             if conn.unix_sock is not None:
@@ -424,29 +623,78 @@ class Client:
             raise
         return conn, response
 
-    def health(self) -> Health:
-        """attestd's current health (any state; the caller decides what a state means)."""
-        conn, response = self._get(HEALTH_PATH, "application/json", self.timeout)
+    def _body(
+        self,
+        path: str,
+        conn: _UnixConnection,
+        response: http.client.HTTPResponse,
+        limit: int,
+    ) -> bytes:
+        """The whole body, at most ``limit`` bytes, and exactly what Content-Length said."""
         try:
-            body = response.read(MAX_HEALTH_BYTES + 1)
+            body = response.read(limit + 1)
             unread = response.length  # what Content-Length promised and did not come
         except OSError as exc:
             raise _os_failure(self.socket_path, exc) from None
         except http.client.HTTPException as exc:
-            raise _bad(f"{HEALTH_PATH}: broken answer: {type(exc).__name__}") from None
+            raise _bad(f"{path}: broken answer: {type(exc).__name__}") from None
         finally:
             response.close()
             conn.close()
-        if len(body) > MAX_HEALTH_BYTES:
-            raise _bad(f"{HEALTH_PATH}: answer larger than {MAX_HEALTH_BYTES} bytes")
+        if len(body) > limit:
+            raise _bad(f"{path}: answer larger than {limit} bytes")
         if unread:
-            raise _bad(f"{HEALTH_PATH}: answer shorter than its Content-Length")
+            raise _bad(f"{path}: answer shorter than its Content-Length")
+        return body
+
+    def health(self) -> Health:
+        """attestd's current health (any state; the caller decides what a state means)."""
+        conn, response = self._get(HEALTH_PATH, "application/json", self.timeout)
+        body = self._body(HEALTH_PATH, conn, response, MAX_HEALTH_BYTES)
         if response.status not in (200, 503):
             raise _bad(f"{HEALTH_PATH}: HTTP {response.status}: {body[:200]!r}")
         health = Health.from_json(body)
         if health.http_status != response.status:
             raise _bad(f"{HEALTH_PATH}: HTTP {response.status} for the state {health.state}")
         return health
+
+    def evidence(self, nonce: bytes, *, timeout: float = EVIDENCE_TIMEOUT_S) -> Evidence:
+        """Fresh evidence bound to ``nonce`` (16 to 64 bytes). ``timeout`` bounds the wait for
+        the answer: attestd attests afresh for it.
+
+        A refusal is raised with attestd's own reason (``evidence-rate-limited`` with
+        ``details['retry_after']`` in seconds, ``evidence-unavailable`` while attestd is not
+        healthy, ...). The evidence is checked for its shape, its nonce and its GPU digest; the
+        token is not verified here: that is the relying party's work.
+        """
+        if not MIN_NONCE_BYTES <= len(nonce) <= MAX_NONCE_BYTES:
+            raise UsageError(
+                f"a nonce is {MIN_NONCE_BYTES} to {MAX_NONCE_BYTES} bytes, not {len(nonce)}",
+                reason=Reason.USAGE,
+            )
+        path = f"{EVIDENCE_PATH}?nonce={nonce.hex()}"
+        conn, response = self._get(
+            path, "application/json", self.timeout, answer_timeout=max(timeout, self.timeout)
+        )
+        retry_after = response.getheader("Retry-After")
+        body = self._body(EVIDENCE_PATH, conn, response, MAX_EVIDENCE_BYTES)
+        if response.status == 200:
+            evidence = Evidence.from_json(body)
+            if evidence.nonce != nonce.hex():
+                raise _bad(f"{EVIDENCE_PATH}: evidence for another nonce")
+            return evidence
+        if len(body) > MAX_ERROR_BYTES:
+            raise _bad(f"{EVIDENCE_PATH}: HTTP {response.status} with an oversized body")
+        refusal = ErrorBody.from_json(body)
+        if error_status(refusal.reason) != response.status:
+            raise _bad(f"{EVIDENCE_PATH}: HTTP {response.status} for the reason {refusal.reason}")
+        error = refusal.exception()
+        if refusal.reason is Reason.EVIDENCE_RATE_LIMITED:
+            if retry_after is None or re.fullmatch(r"[0-9]{1,6}", retry_after) is None:
+                raise _bad(f"{EVIDENCE_PATH}: HTTP 429 without a Retry-After in seconds")
+            error.details["retry_after"] = min(int(retry_after), MAX_RETRY_AFTER_S)
+            error.hint = f"ask again in {error.details['retry_after']} s"
+        raise error
 
     def events(self, *, idle_timeout: float | None = None) -> EventStream:
         """The event stream: the current state first, then each change, until closed.

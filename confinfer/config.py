@@ -90,6 +90,19 @@ class Config:
     gpu_evidence_max_age_s: float = 300.0
     gpu_expected_count: int = 1
     gpu_fast_check_s: float = 5.0
+    gpu_evidence_backend: str = "nvattest"
+    gpu_lgv_venv: Path | None = None
+    gpu_evidence_interval_s: float = 900.0
+    gpu_grace_s: float = 3600.0
+    gpu_reset_grace_s: float = 120.0
+    vtpm_attest_interval_s: float = 900.0
+    vtpm_grace_s: float = 3600.0
+    vtpm_policy: Path | None = None
+    ak_cert_renew_days: int = 90
+    attestd_socket: Path = Path("/run/attestd/attestd.sock")
+    attestd_socket_group: str | None = None
+    evidence_rate_per_min: int = 60
+    evidence_tls_key: Path | None = None
     # Where each value came from: a file path, "$CONFINFER_<KEY>" or "--<flag>".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -299,6 +312,85 @@ SETTINGS: tuple[Setting[Any], ...] = (
         default=5.0,
         doc="Interval of attestd's NVML fast checks (CC mode, environment, DevTools, GPU set).",
     ),
+    Setting(
+        "gpu_evidence_backend",
+        parse=parse_choice("nvattest", "lgv"),
+        default="nvattest",
+        doc="GPU evidence verifier: nvattest, or lgv (NVIDIA's legacy Python verifier).",
+    ),
+    Setting(
+        "gpu_lgv_venv",
+        parse=optional(parse_path),
+        default=None,
+        doc="Virtualenv of NVIDIA's legacy Python local GPU verifier (gpu_evidence_backend = lgv).",
+    ),
+    Setting(
+        "gpu_evidence_interval_s",
+        parse=parse_seconds(86400.0),
+        default=900.0,
+        doc="Interval of attestd's full GPU evidence attestation (also run on a reset).",
+    ),
+    Setting(
+        "gpu_grace_s",
+        parse=parse_seconds(7 * 86400.0),
+        default=3600.0,
+        doc="How long a GPU evidence pass stays good while its collateral is unreachable.",
+    ),
+    Setting(
+        "gpu_reset_grace_s",
+        parse=parse_seconds(3600.0),
+        default=120.0,
+        doc="How long a reset GPU's evidence may take to pass again before it is revoked.",
+    ),
+    Setting(
+        "vtpm_attest_interval_s",
+        parse=parse_seconds(86400.0),
+        default=900.0,
+        doc="Interval of attestd's MAA guest attestation (shortened to half a token's life).",
+    ),
+    Setting(
+        "vtpm_grace_s",
+        parse=parse_seconds(7 * 86400.0),
+        default=3600.0,
+        doc="How long a vTPM pass stays good while MAA or IMDS is unreachable.",
+    ),
+    Setting(
+        "vtpm_policy",
+        parse=optional(parse_path),
+        default=None,
+        doc="Claims policy (release-policy grammar) for attestd's MAA token; unset: built in.",
+        check=existing_file,
+    ),
+    Setting(
+        "ak_cert_renew_days",
+        parse=parse_int(1, 3650),
+        default=90,
+        doc="attestd renews the vTPM's AK certificate through IMDS when it has fewer days left.",
+    ),
+    Setting(
+        "attestd_socket",
+        parse=parse_path,
+        default=Path("/run/attestd/attestd.sock"),
+        doc="attestd's Unix socket (health, events, evidence, metrics).",
+    ),
+    Setting(
+        "attestd_socket_group",
+        parse=optional(parse_str),
+        default=None,
+        doc="Group that owns attestd's socket (mode 0660); unset means attestd's own group.",
+    ),
+    Setting(
+        "evidence_rate_per_min",
+        parse=parse_int(1, 6000),
+        default=60,
+        doc="Most /v1/evidence answers attestd gives per minute (each is a fresh MAA attestation).",
+    ),
+    Setting(
+        "evidence_tls_key",
+        parse=optional(parse_path),
+        default=None,
+        doc="PEM certificate or public key whose SPKI SHA-256 /v1/evidence binds (Caddy's key).",
+    ),
 )
 
 BY_NAME: Mapping[str, Setting[Any]] = {s.name: s for s in SETTINGS}
@@ -359,12 +451,19 @@ def _checked(cfg: Config) -> Config:
     return cfg
 
 
-def load(config_dir: Path = CONFIG_DIR, environ: Mapping[str, str] | None = None) -> Config:
-    """Load and validate the configuration."""
+def load(
+    config_dir: Path = CONFIG_DIR,
+    environ: Mapping[str, str] | None = None,
+    *,
+    files: tuple[Path, ...] | None = None,
+) -> Config:
+    """Load and validate the configuration. ``files`` replaces the directory's ``*.toml``
+    (``attestd --config FILE``); each must exist."""
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
-    files = sorted(config_dir.glob("*.toml")) if config_dir.is_dir() else []
+    if files is None:
+        files = tuple(sorted(config_dir.glob("*.toml"))) if config_dir.is_dir() else ()
     for path in files:
         for key, raw in _read(path).items():
             if key not in BY_NAME:

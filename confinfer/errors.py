@@ -97,6 +97,8 @@ class Reason(enum.StrEnum):
     RESPONSE_TOO_LARGE = "response-too-large"
     SKR_TOOL_TIMEOUT = "skr-tool-timeout"
     TOKEN_JWKS_UNAVAILABLE = "token-jwks-unavailable"
+    EVIDENCE_RATE_LIMITED = "evidence-rate-limited"
+    EVIDENCE_UNAVAILABLE = "evidence-unavailable"
     # a bug
     KEK_CLOSED = "kek-closed"
     # the vTPM, the file system, local resources
@@ -124,10 +126,12 @@ class Reason(enum.StrEnum):
     TPM_REPORT_STALE = "tpm-report-stale"
     TPM_UNREACHABLE = "tpm-unreachable"
     WIPE_FAILED = "wipe-failed"
+    ATTESTD_SOCKET = "attestd-socket"
     # refused: attestation, policy, Key Vault
     ATTESTATION = "attestation"
     POLICY = "policy"
     KEY_RELEASE = "key-release"
+    AK_CERT_RENEWAL_INVALID = "ak-cert-renewal-invalid"
     HCL_AK_MISMATCH = "hcl-ak-mismatch"
     HCL_REPORT_BINDING = "hcl-report-binding"
     HCL_REPORT_INVALID = "hcl-report-invalid"

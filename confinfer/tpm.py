@@ -1,4 +1,5 @@
-"""The Azure vTPM: NV reads, the attestation key, PCR quotes and the PCR-bound ephemeral key.
+"""The Azure vTPM: NV reads, the attestation key and its certificate, PCR quotes and the
+PCR-bound ephemeral key.
 
 On a confidential VM the TCTI is ``device:/dev/tpmrm0`` (the kernel resource manager); tests
 use ``swtpm:host=...,port=...``. Handles and indices are Azure's (see
@@ -10,6 +11,10 @@ as a primary in the NULL hierarchy, whose authPolicy is PolicyPCR over SHA-256 P
 which the AK certifies. The NULL seed changes on every TPM reset, so the same template gives
 the same key only within one boot; using the key needs a policy session whose PCR values match
 the ones it was made with, so a changed boot state cannot decrypt.
+
+The AK certificate is the one NV index this module writes besides the report user data:
+:meth:`Vtpm.write_ak_cert` stores a certificate renewed through IMDS (attestd.vtpm) the way
+Azure's guest attestation library does.
 
 Every TSS failure becomes a :class:`~confinfer.errors.TpmError` with a stable reason; every
 transient object and session this module creates is flushed before the call returns.
@@ -74,6 +79,11 @@ HCL_REPORT_INDEX = 0x01400001
 USER_DATA_INDEX = 0x01400002
 ATTESTATION_PCRS: tuple[int, ...] = tuple(range(8))
 NV_CHUNK = 1024
+AK_CERT_MAX_BYTES = 4096  # Azure's AK certificates are about 1.5 KiB
+# What Azure's guest attestation library defines NV 0x01C101D0 with (Tss2Util::NvDefineSpace).
+AK_CERT_NV_ATTRIBUTES = int(
+    TPMA_NV.OWNERREAD | TPMA_NV.OWNERWRITE | TPMA_NV.AUTHREAD | TPMA_NV.AUTHWRITE
+)
 RSA_EXPONENT_DEFAULT = 65537
 
 _OAEP_HASHES = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256, "sha384": TPM2_ALG.SHA384}
@@ -336,6 +346,105 @@ class Vtpm(Closable):
                 reason=Reason.TPM_AK_CERT_INVALID,
             ) from None
         return der
+
+    def write_ak_cert(self, der: bytes) -> None:
+        """Store ``der`` as the AK certificate at NV 0x01C101D0.
+
+        As Azure's guest attestation library stores a renewed certificate
+        (Tss2Wrapper::WriteAikCert): the index is undefined and defined again with exactly the
+        certificate's size (owner and auth read/write, empty auth value), then written in
+        chunks. An index that already has that size is written in place. When a step fails,
+        the old content is put back (best effort) before the failure is raised; the new
+        content is read back before this returns.
+        """
+        if not der or len(der) > AK_CERT_MAX_BYTES or _der_length(der) != len(der):
+            raise TpmError(
+                f"the AK certificate to write is not one DER certificate of at most "
+                f"{AK_CERT_MAX_BYTES} bytes",
+                reason=Reason.TPM_BAD_REQUEST,
+            )
+        try:
+            x509.load_der_x509_certificate(der)
+        except ValueError:
+            raise TpmError(
+                "the AK certificate to write is not a DER certificate",
+                reason=Reason.TPM_BAD_REQUEST,
+            ) from None
+        try:
+            old: bytes | None = self.read_nv(AK_CERT_INDEX)
+        except TpmError as exc:
+            if exc.reason is not Reason.TPM_NV_MISSING:
+                raise  # never replace what could not be read back if the write fails
+            old = None
+        try:
+            self._store_nv(AK_CERT_INDEX, der)
+        except TpmError:
+            if old is not None:
+                try:
+                    self._store_nv(AK_CERT_INDEX, old)
+                except TpmError as exc:
+                    LOG.error("could not restore the AK certificate: %s", exc.one_line())
+            raise
+        if self.read_nv(AK_CERT_INDEX) != der:
+            raise TpmError(
+                f"NV index 0x{AK_CERT_INDEX:08X} does not read back as written",
+                reason=Reason.TPM_ERROR,
+            )
+
+    def _store_nv(self, index: int, data: bytes) -> None:
+        """Write ``data`` as the whole content of NV ``index``: in place when the index has
+        exactly that size and is writable, else undefined (when present) and defined again
+        with that size and :data:`AK_CERT_NV_ATTRIBUTES`."""
+        what = f"NV index 0x{index:08X}"
+        e = self._e
+        tr = None
+        attrs = 0
+        try:
+            try:
+                tr = e.tr_from_tpmpublic(index)
+                public, _ = e.nv_read_public(tr)
+            except TSS2_Exception as exc:
+                if int(exc.error) != TPM2_RC.HANDLE:
+                    self._fail(exc, what)
+                if tr is not None:
+                    self._quietly(e.tr_close, tr)
+                    tr = None
+            else:
+                attrs = int(public.nvPublic.attributes)
+                writable = attrs & (TPMA_NV.OWNERWRITE | TPMA_NV.AUTHWRITE)
+                if int(public.nvPublic.dataSize) != len(data) or not writable:
+                    try:
+                        e.nv_undefine_space(tr, ESYS_TR.OWNER)  # releases the ESYS_TR too
+                    except TSS2_Exception as exc:
+                        self._fail(exc, f"undefine {what}")
+                    tr = None
+            if tr is None:
+                attrs = AK_CERT_NV_ATTRIBUTES
+                try:
+                    tr = e.nv_define_space(
+                        None,
+                        TPM2B_NV_PUBLIC(
+                            TPMS_NV_PUBLIC(
+                                nvIndex=index,
+                                nameAlg=TPM2_ALG.SHA256,
+                                attributes=attrs,
+                                dataSize=len(data),
+                            )
+                        ),
+                        ESYS_TR.OWNER,
+                    )
+                except TSS2_Exception as exc:
+                    self._fail(exc, f"define {what}")
+            auth = ESYS_TR.OWNER if attrs & TPMA_NV.OWNERWRITE else tr
+            chunk = self._buffer_max()
+            try:
+                for offset in range(0, len(data), chunk):
+                    e.nv_write(tr, data[offset : offset + chunk], offset, auth_handle=auth)
+            except TSS2_Exception as exc:
+                self._fail(exc, f"write {what}")
+        finally:
+            if tr is not None:
+                self._quietly(e.tr_close, tr)
 
     def ak_public(self) -> bytes:
         """The marshalled TPM2B_PUBLIC of the AK at 0x81000003."""

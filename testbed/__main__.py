@@ -254,6 +254,9 @@ def up(directory: Path, *, gpus: int = 1) -> float:
             directory, SKR_TOOL_NAME, "azureattestskr", "Microsoft's AzureAttestSKR"
         )
         nvattest_tool = write_tool(directory, NVATTEST_TOOL_NAME, "nvattest", "NVIDIA's nvattest")
+        from testbed import lgv as standin_lgv
+
+        lgv_venv = standin_lgv.write_venv(directory)
         env = {
             "AZURE_POD_IDENTITY_AUTHORITY_HOST": urls["imds"],
             "CONFINFER_IMDS_URL": urls["imds"],
@@ -272,6 +275,10 @@ def up(directory: Path, *, gpus: int = 1) -> float:
             "CONFINFER_TESTBED_NOROLE_CLIENT_ID": identities.named("noroles").client_id,
             "CONFINFER_TESTBED_SKR_TOOL": str(skr_tool),
             "CONFINFER_TESTBED_NVATTEST": str(nvattest_tool),
+            # attestd runs the stand-in nvattest and expects the testbed's GPU count.
+            "CONFINFER_NVATTEST_PATH": str(nvattest_tool),
+            "CONFINFER_GPU_EXPECTED_COUNT": str(gpus),
+            standin_lgv.ENV_NAME: str(lgv_venv),
         }
         write_env_file(directory / ENV_FILE, env)
     except BaseException:

@@ -38,6 +38,7 @@ LIBRARY_NAME = "libnvidia-ml.so.1"
 STATE_ENV = "CONFINFER_TESTBED_GPU_STATE"
 MAX_GPUS = 8
 MEASUREMENT_BLOCKS = 8
+MAX_STALL_MS = 600_000  # stall_ms: at most ten minutes per NVML call (STALL_MAX_MS in C)
 MEASUREMENT_LABEL = b"confinfer-testbed-gpu-measurement\x00"
 GCC_FLAGS = (
     "-shared",
@@ -76,6 +77,7 @@ class GpuState:
     multigpu: str = "none"  # or "ppcie"
     tamper: int = 0  # measurement block to corrupt, 0 = none
     setter: str = "root"  # who may set the ready state: "root" or "any"
+    stall_ms: int = 0  # every NVML call first sleeps this long (a hung driver); 0 = none
 
     def __post_init__(self) -> None:
         checks = (
@@ -84,6 +86,7 @@ class GpuState:
             (self.multigpu in ("none", "ppcie"), "multigpu must be none or ppcie"),
             (0 <= self.tamper <= MEASUREMENT_BLOCKS, f"tamper must be 0..{MEASUREMENT_BLOCKS}"),
             (self.setter in ("root", "any"), "setter must be root or any"),
+            (0 <= self.stall_ms <= MAX_STALL_MS, f"stall_ms must be 0..{MAX_STALL_MS}"),
             (len(self.uuids) <= MAX_GPUS, f"at most {MAX_GPUS} uuids"),
             (
                 all(u.startswith("GPU-") and "," not in u for u in self.uuids),
@@ -117,6 +120,7 @@ class GpuState:
             f"multigpu={self.multigpu}",
             f"tamper={self.tamper}",
             f"setter={self.setter}",
+            f"stall_ms={self.stall_ms}",
         ]
         if self.uuids:
             lines.append("uuids=" + ",".join(self.uuids))
@@ -127,7 +131,13 @@ class GpuState:
         """Parse a state file strictly (unknown keys and malformed values are errors)."""
         values: dict[str, Any] = {}
         switches = {"cc": ("on", "off"), "devtools": ("on", "off")}
-        numbers = {"lost": 1, "ready": 1, "gpus": MAX_GPUS, "tamper": MEASUREMENT_BLOCKS}
+        numbers = {
+            "lost": 1,
+            "ready": 1,
+            "gpus": MAX_GPUS,
+            "tamper": MEASUREMENT_BLOCKS,
+            "stall_ms": MAX_STALL_MS,
+        }
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):

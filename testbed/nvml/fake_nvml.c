@@ -27,6 +27,11 @@
  *   multigpu=none|ppcie        multiGpuMode in the CC settings
  *   tamper=N                   corrupt measurement block N (1..8) in reports; 0 = none
  *   setter=root|any            who may set the ready state (the real library wants root)
+ *   stall_ms=N                 every call (init, system and device calls; not nvmlShutdown or
+ *                              nvmlErrorString) first sleeps N ms (0..600000), as a call into a
+ *                              hung driver does; 0, the default, is no stall. The sleep happens
+ *                              outside the library's lock; the call then answers from the state
+ *                              as it is when the sleep ends
  * An unset variable or unreadable file reads as "no driver": nvmlInit answers
  * NVML_ERROR_DRIVER_NOT_LOADED. A malformed file makes every call answer NVML_ERROR_UNKNOWN.
  *
@@ -106,6 +111,7 @@ static nvmlReturn_t with_state(state_body body, void *arg)
 {
     struct state st;
     nvmlReturn_t rc;
+    stall();
     pthread_mutex_lock(&g_lock);
     rc = g_init_count == 0 ? NVML_ERROR_UNINITIALIZED : load_state(&st);
     if (rc == NVML_SUCCESS)
@@ -182,6 +188,7 @@ static nvmlReturn_t do_init(unsigned int flags)
     struct state st;
     nvmlReturn_t rc;
     unsigned int i;
+    stall();
     pthread_mutex_lock(&g_lock);
     rc = load_state(&st);
     if (rc == NVML_SUCCESS && st.gpus == 0 && !(flags & NVML_INIT_FLAG_NO_GPUS))

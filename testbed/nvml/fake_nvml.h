@@ -94,11 +94,12 @@ typedef struct nvmlConfComputeGpuAttestationReport_st {
 #define MAX_GPUS 8
 #define STATE_ENV "CONFINFER_TESTBED_GPU_STATE"
 #define STATE_MAX_BYTES 65536
+#define STALL_MAX_MS 600000 /* stall_ms: at most ten minutes per call */
 
 struct state {
     char path[PATH_MAX];
     char dir[PATH_MAX];
-    int cc, devtools, env, gpus, lost, ready, multigpu, tamper, setter_root;
+    int cc, devtools, env, gpus, lost, ready, multigpu, tamper, setter_root, stall_ms;
     char driver[NVML_SYSTEM_DRIVER_VERSION_BUFFER_SIZE];
     char vbios[NVML_DEVICE_VBIOS_VERSION_BUFFER_SIZE];
     char name[NVML_DEVICE_NAME_V2_BUFFER_SIZE];
@@ -108,6 +109,7 @@ struct state {
 /* state.c */
 nvmlReturn_t load_state(struct state *st);
 nvmlReturn_t persist_ready(const struct state *st, unsigned int value);
+void stall(void);
 
 /* evidence.c */
 nvmlReturn_t build_report(const struct state *st, unsigned int index,

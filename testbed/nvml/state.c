@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fake_nvml.h"
@@ -111,6 +112,8 @@ static int parse_line(struct state *st, char *line)
         return parse_switch(value, "ppcie", "none", &st->multigpu);
     if (strcmp(key, "setter") == 0)
         return parse_switch(value, "root", "any", &st->setter_root);
+    if (strcmp(key, "stall_ms") == 0)
+        return parse_uint(value, STALL_MAX_MS, &st->stall_ms);
     if (strcmp(key, "driver") == 0)
         return copy_value(st->driver, sizeof st->driver, value);
     if (strcmp(key, "vbios") == 0)
@@ -181,6 +184,23 @@ nvmlReturn_t load_state(struct state *st)
             snprintf(st->uuid[i], sizeof st->uuid[i], "GPU-00000000-0000-4000-8000-%012x", i);
     }
     return NVML_SUCCESS;
+}
+
+/*
+ * Sleep for the state's stall_ms before a call does anything, as a hung driver would. It reads
+ * the state on its own (outside g_lock, so that a stalled call does not serialise the others
+ * behind it); a missing or malformed file stalls nothing, the call itself then reports it.
+ */
+void stall(void)
+{
+    struct state st;
+    struct timespec left;
+    if (load_state(&st) != NVML_SUCCESS || st.stall_ms <= 0)
+        return;
+    left.tv_sec = st.stall_ms / 1000;
+    left.tv_nsec = (long)(st.stall_ms % 1000) * 1000000L;
+    while (nanosleep(&left, &left) != 0 && errno == EINTR)
+        ;
 }
 
 /* Rewrite the state file with "ready=<value>", under the shared lock, by rename. */

@@ -718,11 +718,18 @@ NATIVE = {  # each key that TOML gives a non-string value for, and values of tha
     "gpu_evidence_max_age_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
     "gpu_expected_count": INTEGERS,
     "gpu_fast_check_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 500),
+    "gpu_evidence_interval_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
+    "gpu_grace_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e6),
+    "gpu_reset_grace_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 5000),
+    "vtpm_attest_interval_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
+    "vtpm_grace_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e6),
+    "ak_cert_renew_days": INTEGERS,
+    "evidence_rate_per_min": INTEGERS,
 }
 
 
 def test_every_non_string_key_has_a_native_strategy() -> None:
-    textual = ("str", "str | None", "Path | None")
+    textual = ("str", "str | None", "Path", "Path | None")
     fields = dataclasses.fields(config.Config)
     assert set(NATIVE) == {f.name for f in fields if f.type not in textual} - {"sources"}
 
