@@ -53,7 +53,7 @@ from attestd.metrics import Metrics
 from attestd.state import Check, Observation, Policy, Status, Tick, Transition
 from attestd.vtpm import VtpmChecker
 from confinfer import __version__, config, log, sdnotify
-from confinfer.attestd_api import Event, Evidence, Health, State
+from confinfer.attestd_api import Event, Evidence, GpuSummary, Health, State
 from confinfer.config import Config
 from confinfer.errors import ConfigError, ConfinferError, Kind, Reason, ServiceError, printable
 
@@ -175,12 +175,18 @@ class Daemon:
         self._running: dict[str, tuple[float, float]] = {}  # check -> (started, bound)
         self._tick: asyncio.TimerHandle | None = None
         self._ready_task: asyncio.Task[None] | None = None
+        self._health: tuple[Status, GpuSummary, Health] | None = None
         self.metrics.set_state(self.status.state, self.status.reason)
 
     # -- the Source protocol -------------------------------------------------------------
 
     def health(self) -> Health:
-        return self.status.health(self.gpu.summary())
+        """The current health; the same object until the state or the GPU summary changes."""
+        status, summary = self.status, self.gpu.summary()
+        cached = self._health
+        if cached is None or cached[0] is not status or cached[1] is not summary:
+            cached = self._health = (status, summary, status.health(summary))
+        return cached[2]
 
     def current_event(self) -> Event:
         return self.status.event(None)

@@ -328,10 +328,15 @@ class GpuChecker:
                 ready = self._read_ready()
             except _Failed as failed:
                 self._failed = True
-                self._summary = self._summarise(uuids, cc_ok, ready)
+                self._keep(self._summarise(uuids, cc_ok, ready))
                 return GpuFastFailed(failed.reason, failed.line)
-            self._summary = self._summarise(uuids, cc_ok, ready)
+            self._keep(self._summarise(uuids, cc_ok, ready))
             return self._compare(tuple(uuids), ready)
+
+    def _keep(self, summary: GpuSummary) -> None:
+        """Replace the summary only when it changed: callers may cache on its identity."""
+        if summary != self._summary:
+            self._summary = summary
 
     def set_ready(self) -> None:
         """Set the GPU ready state (after a healthy full pass). Raises :class:`NvmlError`."""

@@ -27,6 +27,7 @@ import socket
 import stat
 import struct
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +303,11 @@ class Server:
         self._closing = False
         self._identity: tuple[int, int] | None = None
         self._runner: web.AppRunner | None = None
+        self._health_body: tuple[Health, bytes] | None = None
+        # Each connection's caller, read once (SO_PEERCRED names the process that connected).
+        self._callers: weakref.WeakKeyDictionary[asyncio.BaseTransport, str] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware])
@@ -358,7 +364,14 @@ class Server:
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         line = _Log()
         request[_LOG_KEY] = line
-        caller = _peer(request)  # now: once the caller has gone, the socket has too
+        # Now: once the caller has gone, the socket has too.
+        transport = request.transport
+        caller = self._callers.get(transport) if transport is not None else None
+        first = caller is None
+        if caller is None:
+            caller = _peer(request)
+            if transport is not None:
+                self._callers[transport] = caller
         try:
             if request.method != "GET":
                 raise _Refusal(
@@ -395,22 +408,38 @@ class Server:
             line.note = f" reason={Reason.ERROR}"
             return _Refusal(Reason.ERROR, "internal error", status=500).response()
         finally:
-            LOG.log(
-                logging.WARNING if line.status == 500 else logging.INFO,
-                "%s %s %d %s%s",
-                printable(request.method, 20),
-                printable(request.path, 100),
-                line.status,
-                caller,
-                line.note,
-            )
+            level = self._level(request.path, line.status, first)
+            if LOG.isEnabledFor(level):
+                LOG.log(
+                    level,
+                    "%s %s %d %s%s",
+                    printable(request.method, 20),
+                    printable(request.path, 100),
+                    line.status,
+                    caller,
+                    line.note,
+                )
+
+    @staticmethod
+    def _level(path: str, status: int, first: bool) -> int:
+        """Every caller is logged on its connection's first request; after that the routine
+        polls (a health or metrics answer) only at debug, so a probe every second does not
+        flood the journal. Evidence, events, refusals and errors are always logged."""
+        if status == 500:
+            return logging.WARNING
+        if not first and path in (HEALTH_PATH, METRICS_PATH) and status in (200, 503):
+            return logging.DEBUG
+        return logging.INFO
 
     # --- the routes ------------------------------------------------------------------------
 
     async def _health(self, request: web.Request) -> web.Response:
         health = self._source.health()
+        cached = self._health_body
+        if cached is None or cached[0] is not health:  # the source hands out one per change
+            cached = self._health_body = (health, health.to_json().encode("utf-8"))
         return web.Response(
-            text=health.to_json(),
+            body=cached[1],
             status=health.http_status,
             content_type="application/json",
             headers=_NO_STORE,

@@ -943,3 +943,17 @@ def test_close_ends_many_streams_and_evidence_in_flight_finishes(short_dir: Path
         assert not path.exists()
 
     run(body)
+
+
+def test_routine_polls_after_the_first_are_logged_at_debug() -> None:
+    from attestd.server import Server
+
+    level = Server._level
+    assert level("/v1/health", 200, True) == logging.INFO  # the caller is named once
+    assert level("/v1/health", 200, False) == logging.DEBUG
+    assert level("/v1/health", 503, False) == logging.DEBUG
+    assert level("/metrics", 200, False) == logging.DEBUG
+    assert level("/v1/evidence", 200, False) == logging.INFO
+    assert level("/v1/events", 200, False) == logging.INFO
+    assert level("/v1/health", 405, False) == logging.INFO
+    assert level("/v1/health", 500, False) == logging.WARNING
