@@ -500,6 +500,8 @@ def step(current: Status, observation: Observation, now: float, policy: Policy) 
     failure = _hard_failure(observation)
     if failure is not None:
         reason, line = failure
+        if current.state is State.REVOKED and current.reason is reason:
+            line = current.line  # the same failure again: its first explanation stands
         after = _enter(current, State.REVOKED, reason, line, now)
         after = dataclasses.replace(after, fresh=frozenset())
         return Transition(current, after, now)
