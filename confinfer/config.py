@@ -103,6 +103,21 @@ class Config:
     attestd_socket_group: str | None = None
     evidence_rate_per_min: int = 60
     evidence_tls_key: Path | None = None
+    model_source: str | None = None
+    model_dir: Path = Path("/run/confinfer/model")
+    model_tmpfs_bytes: int | None = None
+    model_allow_swap: bool = False
+    serving_uid: int = 10001
+    serving_gid: int = 10001
+    loader_attestd_wait_s: float = 600.0
+    loader_attestd_grace_s: float = 30.0
+    serving_image: str = "confinfer/vllm-openai:serving"
+    serving_port: int = 8000
+    serving_model_name: str = "model"
+    serving_args: tuple[str, ...] = ()
+    serving_ready_timeout_s: float = 900.0
+    serving_gpus: bool = True
+    docker_host: str = "unix:///var/run/docker.sock"
     # Where each value came from: a file path, "$CONFINFER_<KEY>" or "--<flag>".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -390,6 +405,96 @@ SETTINGS: tuple[Setting[Any], ...] = (
         parse=optional(parse_path),
         default=None,
         doc="PEM certificate or public key whose SPKI SHA-256 /v1/evidence binds (Caddy's key).",
+    ),
+    Setting(
+        "model_source",
+        parse=optional(parse_str),
+        default=None,
+        doc="The sealed package model-loader serves: a local directory or an https Blob prefix.",
+    ),
+    Setting(
+        "model_dir",
+        parse=parse_path,
+        default=Path("/run/confinfer/model"),
+        doc="Where model-loader mounts the model tmpfs (visible to the container engine).",
+    ),
+    Setting(
+        "model_tmpfs_bytes",
+        parse=optional(parse_bytes(1, 1 * PiB)),
+        default=None,
+        doc="Size cap of the model tmpfs; unset means the package's plaintext size plus 5%.",
+    ),
+    Setting(
+        "model_allow_swap",
+        parse=parse_bool,
+        default=False,
+        doc="Serve even when swap is on and the kernel's tmpfs has no noswap option.",
+    ),
+    Setting(
+        "serving_uid",
+        parse=parse_int(1, 2**31 - 1),
+        default=10001,
+        doc="The uid the engine runs as; model-loader hands the model tree to it read-only.",
+    ),
+    Setting(
+        "serving_gid",
+        parse=parse_int(1, 2**31 - 1),
+        default=10001,
+        doc="The gid the engine runs as.",
+    ),
+    Setting(
+        "loader_attestd_wait_s",
+        parse=parse_seconds(86400.0),
+        default=600.0,
+        doc="How long model-loader waits for attestd to be healthy before it fails.",
+    ),
+    Setting(
+        "loader_attestd_grace_s",
+        parse=parse_seconds(3600.0),
+        default=30.0,
+        doc="How long model-loader keeps the model while attestd cannot be reached.",
+    ),
+    Setting(
+        "serving_image",
+        parse=parse_str,
+        default="confinfer/vllm-openai:serving",
+        doc="The serving container image (production: vLLM's image pinned by digest).",
+    ),
+    Setting(
+        "serving_port",
+        parse=parse_int(1, 65535),
+        default=8000,
+        doc="The engine's port on 127.0.0.1 (Caddy proxies to it).",
+    ),
+    Setting(
+        "serving_model_name",
+        parse=parse_str,
+        default="model",
+        doc="The model name the OpenAI API serves (--served-model-name).",
+    ),
+    Setting(
+        "serving_args",
+        parse=parse_list(parse_str),
+        default=(),
+        doc="Extra arguments for the engine (vLLM's serve flags).",
+    ),
+    Setting(
+        "serving_ready_timeout_s",
+        parse=parse_seconds(86400.0),
+        default=900.0,
+        doc="How long vllm.service waits for the engine's /health before it fails.",
+    ),
+    Setting(
+        "serving_gpus",
+        parse=parse_bool,
+        default=True,
+        doc="Request the GPUs for the serving container (off only for the CPU test engine).",
+    ),
+    Setting(
+        "docker_host",
+        parse=parse_str,
+        default="unix:///var/run/docker.sock",
+        doc="The container engine's API socket.",
     ),
 )
 

@@ -725,6 +725,16 @@ NATIVE = {  # each key that TOML gives a non-string value for, and values of tha
     "vtpm_grace_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e6),
     "ak_cert_renew_days": INTEGERS,
     "evidence_rate_per_min": INTEGERS,
+    "model_tmpfs_bytes": INTEGERS | st.integers(0, 1 << 51),
+    "model_allow_swap": st.booleans(),
+    "serving_uid": INTEGERS,
+    "serving_gid": INTEGERS,
+    "loader_attestd_wait_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
+    "loader_attestd_grace_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 5000),
+    "serving_port": INTEGERS,
+    "serving_args": st.lists(ITEM, max_size=4),
+    "serving_ready_timeout_s": INTEGERS | st.floats(allow_nan=False) | st.floats(0.001, 1e5),
+    "serving_gpus": st.booleans(),
 }
 
 
