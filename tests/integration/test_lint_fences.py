@@ -46,6 +46,12 @@ def banned(path: str, source: str) -> bool:
         ("attestd/x.py", "from loader import dest\n"),
         ("testbed/x.py", "from confinfer import jose\n"),
         ("testbed/x.py", "import loader\n"),
+        ("testbed/x.py", "import serving\n"),
+        ("serving/x.py", "import loader\n"),
+        ("serving/x.py", "from attestd import state\n"),
+        ("serving/x.py", "import testbed\n"),
+        ("loader/x.py", "import serving.supervisor\n"),
+        ("attestd/x.py", "from serving import supervisor\n"),
     ],
 )
 def test_forbidden_imports_are_refused(path: str, source: str) -> None:
@@ -60,6 +66,7 @@ def test_forbidden_imports_are_refused(path: str, source: str) -> None:
         ("loader/aead.py", "from cryptography.hazmat.primitives.ciphers.aead import AESGCM\n"),
         ("confinfer/x.py", "from cryptography.hazmat.primitives.ciphers.aead import AESGCM\n"),
         ("tests/x.py", "import testbed\nimport loader\n"),
+        ("serving/x.py", "from confinfer import attestd_api\n"),
     ],
 )
 def test_allowed_imports_pass(path: str, source: str) -> None:
