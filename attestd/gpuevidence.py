@@ -4,7 +4,7 @@ checks on the claims (issue 8 item 3; ``shared/reference/nvidia-attestation.md``
 Backend ``nvattest`` (primary)::
 
     nvattest attest --device gpu --verifier local --nonce <fresh 32-byte hex> --format json
-                    [--rim-url URL] [--ocsp-url URL]
+                    [--rim-url URL] [--ocsp-url URL] [--rim-store dir --rim-dir DIR]
 
 - The run has one overall deadline; on expiry its whole process group is killed (nvattest
   retries each HTTP request for minutes). Its stdin is closed, stdout is read up to
@@ -166,6 +166,7 @@ class NvattestOptions:
     max_age_s: float = 300.0
     rim_url: str | None = None
     ocsp_url: str | None = None
+    rim_dir: Path | None = None  # RIM files instead of the RIM service (--rim-store dir)
     # The environment nvattest runs with (None: this process's). NVAT_* variables that would
     # override what the flags say are removed either way.
     env: Mapping[str, str] | None = None
@@ -190,6 +191,7 @@ class NvattestOptions:
             max_age_s=cfg.gpu_evidence_max_age_s,
             rim_url=cfg.nvattest_rim_url,
             ocsp_url=cfg.nvattest_ocsp_url,
+            rim_dir=cfg.nvattest_rim_dir,
             env=env,
         )
 
@@ -221,6 +223,8 @@ def build_argv(options: NvattestOptions, nonce: str) -> list[str]:
         argv += ["--rim-url", options.rim_url]
     if options.ocsp_url:
         argv += ["--ocsp-url", options.ocsp_url]
+    if options.rim_dir is not None:
+        argv += ["--rim-store", "dir", "--rim-dir", str(options.rim_dir)]
     return argv
 
 

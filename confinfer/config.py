@@ -86,6 +86,7 @@ class Config:
     nvattest_path: Path | None = None
     nvattest_rim_url: str | None = None
     nvattest_ocsp_url: str | None = None
+    nvattest_rim_dir: Path | None = None
     gpu_evidence_timeout_s: float = 120.0
     gpu_evidence_max_age_s: float = 300.0
     gpu_expected_count: int = 1
@@ -302,6 +303,12 @@ SETTINGS: tuple[Setting[Any], ...] = (
         parse=optional(parse_https_url),
         default=None,
         doc="OCSP responder URL nvattest uses (--ocsp-url); unset means nvattest's default.",
+    ),
+    Setting(
+        "nvattest_rim_dir",
+        parse=optional(parse_path),
+        default=None,
+        doc="A local directory of RIM files nvattest reads instead of the RIM service.",
     ),
     Setting(
         "gpu_evidence_timeout_s",

@@ -270,6 +270,7 @@ def up(directory: Path, *, gpus: int = 1) -> float:
             fakegpu.STATE_ENV: str(gpu.state_file),
             "CONFINFER_TESTBED_GPU_ROOT": str(gpu.root_cert),
             "CONFINFER_TESTBED_GPU_REFERENCE": str(gpu.reference),
+            "CONFINFER_TESTBED_GPU_RIMS": str(gpu.directory / fakegpu.RIM_DIR),
             "CONFINFER_TESTBED_DIR": str(directory),
             "CONFINFER_TESTBED_CLIENT_ID": identities.default.client_id,
             "CONFINFER_TESTBED_NOROLE_CLIENT_ID": identities.named("noroles").client_id,

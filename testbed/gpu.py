@@ -10,6 +10,7 @@ Layout under a GPU directory (``<testbed>/gpu``)::
     cert-chain.pem               device cert, ICA, root (PEM, leaf first)
     nvidia-root.pem              the testbed's NVIDIA-like device identity root, for verifiers
     reference-measurements.json  golden measurements for the state's driver and VBIOS
+    rims/<rim id>.xml            the same as RIM files, for ``nvattest --rim-store dir``
 
 The library's sources are ``nvml/*.c`` (entry points in ``fake_nvml.c``, whose header comment
 documents the state keys and the attestation report layout).
@@ -360,12 +361,44 @@ def _write_pki(gpu: FakeGpu) -> None:
 def write_reference(gpu: FakeGpu) -> None:
     """(Re)write the golden measurements for the state's current driver and VBIOS."""
     state = gpu.state()
-    data = {
-        "driver": state.driver,
-        "vbios": state.vbios,
-        "measurements": reference_measurements(state.driver, state.vbios),
-    }
+    golden = reference_measurements(state.driver, state.vbios)
+    data = {"driver": state.driver, "vbios": state.vbios, "measurements": golden}
     gpu.reference.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_rim_files(gpu.directory / RIM_DIR, state.driver, state.vbios, golden)
+
+
+RIM_DIR = "rims"
+VBIOS_BLOCKS = range(1, 5)  # measurement blocks 1-4 come from the VBIOS RIM, 5-8 the driver's
+
+
+def rim_ids(driver: str, vbios: str) -> tuple[str, str]:
+    """The RIM ids nvattest asks for: the driver's and the VBIOS's."""
+    return f"NV_GPU_DRIVER_GH100_{driver}", f"NV_GPU_VBIOS_{vbios.replace('.', '')}"
+
+
+def write_rim_files(directory: Path, driver: str, vbios: str, measurements: dict[int, str]) -> None:
+    """``<rim id>.xml`` for the driver and the VBIOS, as ``nvattest --rim-store dir`` reads
+    them: a SWID tag (ISO/IEC 19770-2, as NVIDIA's RIMs are) whose payload lists each
+    measurement block's golden hash. Unsigned: the testbed's RIMs are not signed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.glob("*.xml"):
+        old.unlink()
+    driver_id, vbios_id = rim_ids(driver, vbios)
+    for rim_id, version, blocks in (
+        (driver_id, driver, [i for i in measurements if i not in VBIOS_BLOCKS]),
+        (vbios_id, vbios, [i for i in measurements if i in VBIOS_BLOCKS]),
+    ):
+        resources = "".join(
+            f'    <Resource type="Measurement" index="{i}" Hash="{measurements[i]}"/>\n'
+            for i in sorted(blocks)
+        )
+        text = (
+            '<?xml version="1.0" encoding="utf-8"?>\n'
+            '<SoftwareIdentity xmlns="http://standards.iso.org/iso/19770/-2/2015/schema.xsd" '
+            f'name="{rim_id}" version="{version}" tagId="{rim_id}">\n'
+            f"  <Payload>\n{resources}  </Payload>\n</SoftwareIdentity>\n"
+        )
+        (directory / f"{rim_id}.xml").write_text(text, encoding="utf-8")
 
 
 def provision(directory: Path, state: GpuState | None = None, *, build: bool = True) -> FakeGpu:

@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
+from xml.etree import ElementTree
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -597,6 +598,7 @@ class Collateral:
     ocsp_url: str
     faults: Faults | None
     log: Log
+    rim_dir: Path | None = None  # ``--rim-store dir``: RIM files, not the RIM service
     _taken: dict[str, Fault | None] = field(default_factory=dict)
 
     def fault(self, name: str) -> Fault | None:
@@ -641,6 +643,8 @@ class Collateral:
         }
 
     def rim(self, rim_id: str, want_version: str, kind: str) -> Rim:
+        if self.rim_dir is not None:
+            return self._rim_file(rim_id, want_version, kind)
         fault = self.fault(FAULT_RIM)
         url = f"{self.rim_url}/v1/rim/{rim_id}"
         self._reachable(self.rim_url, fault, "GET")
@@ -657,6 +661,29 @@ class Collateral:
             self.log.error(f"Non-200 response from {url}")
             raise NvatError(RC_RIM_NOT_FOUND, f"RIM {rim_id} not found")
         return rim
+
+    def _rim_file(self, rim_id: str, want_version: str, kind: str) -> Rim:
+        """FilesystemRimStore: ``<rim-dir>/<rim id>.xml``, no RIM service, no RIM fault."""
+        path = Path(self.rim_dir or ".") / f"{rim_id}.xml"
+        try:
+            # A file the operator put there, parsed by the standard library's expat.
+            root = ElementTree.fromstring(path.read_bytes())  # noqa: S314
+        except (OSError, ElementTree.ParseError):
+            self.log.error(f"RIM file {path} not found or not XML")
+            raise NvatError(RC_RIM_NOT_FOUND, f"RIM {rim_id} not found in {self.rim_dir}") from None
+        version = root.get("version", "")
+        measurements: dict[int, str] = {}
+        for element in root.iter():
+            if element.tag.rsplit("}", 1)[-1] == "Resource" and element.get("index"):
+                measurements[int(element.get("index", "0"))] = element.get("Hash", "").lower()
+        if version.upper() != want_version.upper() or not measurements:
+            raise NvatError(RC_RIM_NOT_FOUND, f"RIM {rim_id} not found in {self.rim_dir}")
+        other = "" if kind == "driver" else version
+        return Rim(
+            driver=version if kind == "driver" else other,
+            vbios=version if kind == "vbios" else other,
+            measurements=measurements,
+        )
 
 
 # --- claims and the detached EAT -------------------------------------------------------------
@@ -1012,6 +1039,7 @@ def run_attest(bed: Bed, opts: cli.Options, log: Log) -> dict[str, Any]:
             ocsp_url=opts.text("ocsp_url"),
             faults=bed.faults,
             log=log,
+            rim_dir=Path(opts.text("rim_dir")) if opts.text("rim_store") == "dir" else None,
         )
         evidence = _collect(bed, opts, nonce, _asked(collateral.fault(FAULT)))
         if opts.text("verifier") == "remote":

@@ -241,3 +241,25 @@ def test_a_hanging_nvattest_hits_the_deadline(bed: RunningTestbed) -> None:
     assert time.monotonic() - start < 15
     assert isinstance(result.observation, GpuCollateralUnreachable)
     assert result.reason is Reason.GPU_VERIFIER_TIMEOUT
+
+
+def test_a_local_rim_directory_needs_no_rim_service(bed: RunningTestbed) -> None:
+    rims = Path(bed.env["CONFINFER_TESTBED_GPU_RIMS"])
+    assert sorted(p.name for p in rims.glob("*.xml")) == [
+        "NV_GPU_DRIVER_GH100_550.127.05.xml",
+        "NV_GPU_VBIOS_96009F0004.xml",
+    ]
+    bed.cli("fault", "nvattest-rim", "--down")
+    result = standin(bed, rim_dir=rims).attest()
+    assert result.passed, result.observation
+    assert (
+        "--rim-store"
+        in json.loads((bed.dir / "run" / "nvattest.log").read_text().splitlines()[-1])["argv"]
+    )
+
+
+def test_a_missing_local_rim_is_refused(bed: RunningTestbed, tmp_path: Path) -> None:
+    result = standin(bed, rim_dir=tmp_path).attest()
+    assert isinstance(result.observation, GpuEvidenceFailed)
+    assert result.reason is Reason.GPU_EVIDENCE_INVALID
+    assert result.result_code == 104
