@@ -328,6 +328,8 @@ class GpuChecker:
                 ready = self._read_ready()
             except _Failed as failed:
                 self._failed = True
+                if not uuids and failed.reason is not Reason.GPU_LOST:
+                    uuids = self._visible_uuids()  # so health still lists the GPUs it refused
                 self._keep(self._summarise(uuids, cc_ok, ready))
                 return GpuFastFailed(failed.reason, failed.line)
             self._keep(self._summarise(uuids, cc_ok, ready))
@@ -411,6 +413,13 @@ class GpuChecker:
         if len(set(uuids)) != len(uuids):
             raise _Failed(Reason.GPU_LOST, f"GPUs report duplicate UUIDs: {', '.join(uuids)}")
         return uuids
+
+    def _visible_uuids(self) -> list[str]:
+        """The GPUs NVML lists, for the summary only, after a check failed (never raises)."""
+        try:
+            return [self.nvml.uuid(i) for i in range(min(self.nvml.count(), 64))]
+        except NvmlError:
+            return []
 
     def _read_ready(self) -> bool:
         try:
