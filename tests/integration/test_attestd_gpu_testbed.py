@@ -86,7 +86,7 @@ def test_each_failure_then_a_reset(
     assert reason_of(obs) is reason
     summary = checker.summary()
     if reason is not Reason.GPU_LOST:  # health still lists the GPUs NVML sees, none passing
-        assert summary.count == int(gpu_state(testbed).get("gpus", "1"))  # type: ignore[arg-type]
+        assert summary.count == int(str(gpu_state(testbed).get("gpus", "1")))
         cc_refused = reason is not Reason.GPU_COUNT_MISMATCH
         assert all(gpu.cc is not cc_refused for gpu in summary.devices)
     testbed.cli("gpu", *back)
