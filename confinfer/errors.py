@@ -53,10 +53,13 @@ class Reason(enum.StrEnum):
     KEY_ID_INVALID = "key-id-invalid"
     MODEL_DIR = "model-dir"
     MODEL_TOO_MANY_FILES = "model-too-many-files"
+    MODEL_LAYOUT = "model-layout"
+    BLOB_NOT_FOUND = "blob-not-found"
     NO_KEY = "no-key"
     NO_KEY_ID = "no-key-id"
     PACKAGE_UNREADABLE = "package-unreadable"
     UNSUPPORTED_FILE = "unsupported-file"
+    DEPLOY_USER_DATA_TOO_LARGE = "deploy-user-data-too-large"
     # integrity and format
     INTEGRITY = "integrity"
     FORMAT = "format"
@@ -83,6 +86,8 @@ class Reason(enum.StrEnum):
     UNSAFE_PATH = "unsafe-path"
     UNSUPPORTED_FORMAT = "unsupported-format"
     WRAPPED_DEK_INVALID = "wrapped-dek-invalid"
+    BLOB_NAME_UNSAFE = "blob-name-unsafe"
+    HANDOFF_INVALID = "handoff-invalid"
     # a remote service is unavailable
     SERVICE = "service"
     ATTESTD_BAD_RESPONSE = "attestd-bad-response"
@@ -97,8 +102,10 @@ class Reason(enum.StrEnum):
     RESPONSE_TOO_LARGE = "response-too-large"
     SKR_TOOL_TIMEOUT = "skr-tool-timeout"
     TOKEN_JWKS_UNAVAILABLE = "token-jwks-unavailable"
+    DEPLOY_AZ_FAILED = "deploy-az-failed"
     EVIDENCE_RATE_LIMITED = "evidence-rate-limited"
     EVIDENCE_UNAVAILABLE = "evidence-unavailable"
+    BLOB_UNAVAILABLE = "blob-unavailable"
     # a bug
     KEK_CLOSED = "kek-closed"
     # the vTPM, the file system, local resources
@@ -127,6 +134,15 @@ class Reason(enum.StrEnum):
     TPM_UNREACHABLE = "tpm-unreachable"
     WIPE_FAILED = "wipe-failed"
     ATTESTD_SOCKET = "attestd-socket"
+    MODEL_DIR_BUSY = "model-dir-busy"
+    MODEL_MOUNT = "model-mount"
+    # the serving engine (vllm-supervisor)
+    HANDOFF_MISSING = "handoff-missing"
+    DOCKER_UNAVAILABLE = "docker-unavailable"
+    ENGINE_START_FAILED = "engine-start-failed"
+    ENGINE_EXITED = "engine-exited"
+    ENGINE_NOT_READY = "engine-not-ready"
+    ENGINE_UNHEALTHY = "engine-unhealthy"
     # refused: attestation, policy, Key Vault
     ATTESTATION = "attestation"
     POLICY = "policy"
@@ -167,11 +183,20 @@ class Reason(enum.StrEnum):
     TPM_PCR_POLICY = "tpm-pcr-policy"
     TRANSFER_BLOB_INVALID = "transfer-blob-invalid"
     TRUST_ANCHOR_INVALID = "trust-anchor-invalid"
+    DEPLOY_NOT_LOGGED_IN = "deploy-not-logged-in"
+    DEPLOY_PROVIDER_UNREGISTERED = "deploy-provider-unregistered"
+    DEPLOY_SIZE_UNAVAILABLE = "deploy-size-unavailable"
+    DEPLOY_NO_QUOTA = "deploy-no-quota"
+    DEPLOY_KEY_WITHOUT_POLICY = "deploy-key-without-policy"
+    BLOB_FORBIDDEN = "blob-forbidden"
+    MODEL_SWAP = "model-swap"
     # configuration
     CONFIG = "config"
     CONFIG_INVALID = "config-invalid"
     POLICY_INVALID = "policy-invalid"
     SKR_TOOL_MISSING = "skr-tool-missing"
+    MODEL_SOURCE_INVALID = "model-source-invalid"
+    SERVING_IMAGE_MISSING = "serving-image-missing"
     # signals
     INTERRUPTED = "interrupted"
     # attestd states short of revoked: starting, healthy, degraded inside a grace. A client that

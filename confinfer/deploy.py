@@ -1,0 +1,452 @@
+"""``confinfer deploy``: the Bicep templates of bicep-wrapper/ deployed through the ``az`` CLI.
+
+The operator's machine compiles the Bicep (``az`` carries the compiler); this module reads
+``deploy.toml``, checks what usually goes wrong first (not logged in, the Key Vault provider not
+registered, a region without the VM size, no quota for its family, a key of that name that
+exists without a release policy), renders the VM's user data, writes the ARM parameters file
+and runs ``az deployment group create`` (or ``what-if``), reads the outputs, or deletes the
+resource group. ``--dry-run`` prints every command it would run, exactly, and runs none.
+
+``deploy.toml``::
+
+    [azure]
+    resource_group = "confinfer"        # created if missing
+    location = "eastus2"
+    name_prefix = "cinf"
+    vault_name = "cinf-kv-0001"         # globally unique
+    ssh_public_key = "~/.ssh/id_ed25519.pub"
+    # key_name, vm_size, instance_count, ssh_source_range, maa_authority,
+    # vault_allowed_ip_ranges, model_storage_account, model_container, deployment_name
+
+    [appliance]                         # /etc/confinfer/confinfer.toml on the VM (§1.2 keys)
+    model_source = "https://<account>.blob.core.windows.net/models/<model>"
+
+Everything ``az`` prints is hostile until parsed: JSON read strictly, text escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from confinfer import config
+from confinfer.errors import ConfigError, ConfinferError, Reason, ServiceError, printable
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "bicep-wrapper" / "main.bicep"
+CUSTOM_DATA_LIMIT = 65_535  # bytes before base64 (Azure's customData limit)
+AZ_TIMEOUT_S = 3600.0  # a deployment of a GPU VM takes minutes
+PARAMETERS_SCHEMA = (
+    "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#"
+)
+DEFAULT_SIZE = "Standard_NCC40ads_H100_v5"
+
+_AZURE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "resource_group": str,
+    "location": str,
+    "name_prefix": str,
+    "vault_name": str,
+    "ssh_public_key": str,
+    "key_name": str,
+    "vm_size": str,
+    "instance_count": int,
+    "ssh_source_range": str,
+    "maa_authority": str,
+    "vault_allowed_ip_ranges": list,
+    "model_storage_account": str,
+    "model_container": str,
+    "deployment_name": str,
+}
+_REQUIRED = ("resource_group", "location", "name_prefix", "vault_name", "ssh_public_key")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ``deploy.toml`` says."""
+
+    path: Path
+    azure: Mapping[str, Any]
+    appliance: Mapping[str, Any]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.azure.get(key, default)
+
+    @property
+    def group(self) -> str:
+        return str(self.azure["resource_group"])
+
+    @property
+    def deployment(self) -> str:
+        return str(self.azure.get("deployment_name", "confinfer"))
+
+    @property
+    def key_id(self) -> str:
+        """The KEK, versionless: the VM follows the key's current version."""
+        name = self.get("key_name", "model-kek")
+        return f"https://{self.azure['vault_name']}.vault.azure.net/keys/{name}"
+
+
+def _bad(path: Path, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {printable(message, 300)}", reason=Reason.CONFIG_INVALID)
+
+
+def load_plan(path: Path) -> Plan:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise _bad(path, f"cannot read: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise _bad(path, f"cannot parse: {exc}") from None
+    unknown = sorted(set(data) - {"azure", "appliance"})
+    if unknown:
+        raise _bad(path, f"unknown table [{unknown[0]}]; expected [azure] and [appliance]")
+    azure = data.get("azure", {})
+    appliance = data.get("appliance", {})
+    if not isinstance(azure, dict) or not isinstance(appliance, dict):
+        raise _bad(path, "[azure] and [appliance] must be tables")
+    for key, value in azure.items():
+        want = _AZURE_KEYS.get(key)
+        if want is None:
+            raise _bad(path, f"[azure] unknown key {key!r}")
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise _bad(path, f"[azure] {key}: wrong type")
+    missing = [k for k in _REQUIRED if k not in azure]
+    if missing:
+        raise _bad(path, f"[azure] needs {', '.join(missing)}")
+    count = azure.get("instance_count", 1)
+    if not 1 <= count <= 100:
+        raise _bad(path, "[azure] instance_count must be 1 to 100")
+    for key in appliance:
+        if key not in config.BY_NAME:
+            raise _bad(path, f"[appliance] {key!r} is not a confinfer configuration key")
+    return Plan(path, azure, appliance)
+
+
+# --- the user data -------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def appliance_config(plan: Plan) -> str:
+    """``/etc/confinfer/confinfer.toml`` for the VM: the attestation authority and the KEK
+    from [azure], then every [appliance] key (validated as the VM would)."""
+    values: dict[str, Any] = {
+        "maa_url": plan.get("maa_authority", "https://sharedeus.eus.attest.azure.net"),
+        "key_id": plan.key_id,
+        **plan.appliance,
+    }
+    with tempfile.TemporaryDirectory() as empty:
+        text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+        probe = Path(empty) / "confinfer.toml"
+        probe.write_text(text, encoding="utf-8")
+        # The VM's own loader reads it: refuse here what it would refuse there (files that
+        # must exist on the VM are not checked here).
+        try:
+            config.load(Path(empty), environ={})
+        except ConfigError as exc:
+            if "does not exist" not in str(exc) and "no such file" not in str(exc).lower():
+                raise
+    return "# written by `confinfer deploy`\n" + text
+
+
+def user_data(plan: Plan) -> str:
+    """The VM's cloud-init user data: the appliance configuration."""
+    config_text = appliance_config(plan)
+    indented = "".join(f"      {line}\n" for line in config_text.splitlines())
+    return (
+        "#cloud-config\n"
+        "# confinfer: rendered by `confinfer deploy` from "
+        f"{json.dumps(plan.path.name)}\n"
+        "write_files:\n"
+        "  - path: /etc/confinfer/confinfer.toml\n"
+        "    permissions: '0644'\n"
+        "    content: |\n"
+        f"{indented}"
+    )
+
+
+def parameters(plan: Plan, data: str) -> dict[str, Any]:
+    """The ARM parameters document for bicep-wrapper/main.bicep."""
+    size = len(data.encode("utf-8"))
+    if size > CUSTOM_DATA_LIMIT:
+        raise ConfinferError(
+            f"the rendered user data is {size} bytes; Azure takes at most {CUSTOM_DATA_LIMIT}",
+            reason=Reason.DEPLOY_USER_DATA_TOO_LARGE,
+        )
+    key_path = Path(os.path.expanduser(str(plan.azure["ssh_public_key"])))
+    try:
+        ssh_key = key_path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _bad(plan.path, f"ssh_public_key {key_path}: cannot read ({exc})") from None
+    if not ssh_key.startswith(("ssh-", "ecdsa-")):
+        raise _bad(plan.path, f"ssh_public_key {key_path}: not an OpenSSH public key")
+    values: dict[str, Any] = {
+        "namePrefix": plan.azure["name_prefix"],
+        "location": plan.azure["location"],
+        "vaultName": plan.azure["vault_name"],
+        "keyName": plan.get("key_name", "model-kek"),
+        "vmSize": plan.get("vm_size", DEFAULT_SIZE),
+        "instanceCount": plan.get("instance_count", 1),
+        "sshPublicKey": ssh_key,
+        "sshSourceRange": plan.get("ssh_source_range", ""),
+        "vaultAllowedIpRanges": plan.get("vault_allowed_ip_ranges", []),
+        "modelStorageAccount": plan.get("model_storage_account", ""),
+        "modelContainer": plan.get("model_container", "models"),
+        "userData": data,
+    }
+    if "maa_authority" in plan.azure:
+        values["maaAuthority"] = plan.azure["maa_authority"]
+    return {
+        "$schema": PARAMETERS_SCHEMA,
+        "contentVersion": "1.0.0.0",
+        "parameters": {name: {"value": value} for name, value in values.items()},
+    }
+
+
+# --- running az --------------------------------------------------------------------------------
+
+
+@dataclass
+class Az:
+    """``az`` calls; with ``dry_run`` each is printed instead of run (reads answer None)."""
+
+    dry_run: bool = False
+    executable: str = "az"
+    out: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+
+    def _argv(self, args: Sequence[str]) -> list[str]:
+        found = shutil.which(self.executable)
+        if found is None and not self.dry_run:
+            raise ConfinferError(
+                "the Azure CLI (az) is not on PATH",
+                reason=Reason.DEPLOY_AZ_FAILED,
+                hint="install it: https://learn.microsoft.com/cli/azure/install-azure-cli",
+            )
+        return [found or self.executable, *args]
+
+    def run(self, args: Sequence[str], *, read: bool = False) -> str | None:
+        argv = self._argv(args)
+        if self.dry_run:
+            self.out(shlex.join([self.executable, *args]))
+            return None
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if read else None,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=AZ_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise ConfinferError(
+                f"`az {printable(args[0], 40)}` did not finish in {AZ_TIMEOUT_S:g} s",
+                reason=Reason.DEPLOY_AZ_FAILED,
+            ) from None
+        if done.returncode != 0:
+            raise az_failure(args, done.returncode, done.stderr)
+        return done.stdout if read else ""
+
+    def json(self, args: Sequence[str]) -> Any:
+        text = self.run([*args, "-o", "json"], read=True)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ServiceError(
+                f"`az {' '.join(args[:3])}` did not print JSON", reason=Reason.DEPLOY_AZ_FAILED
+            ) from None
+
+
+def az_failure(args: Sequence[str], code: int, stderr: str) -> ConfinferError:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    said = lines[-1] if lines else f"exit status {code}"
+    said = said.removeprefix("ERROR: ")
+    command = " ".join(args[:3])
+    if "az login" in said:
+        return ConfinferError(
+            "the Azure CLI is not logged in",
+            reason=Reason.DEPLOY_NOT_LOGGED_IN,
+            hint="run `az login` (and `az account set --subscription ...`), then deploy again",
+        )
+    return ConfinferError(
+        f"`az {printable(command, 80)}` failed (exit {code}): {printable(said, 300)}",
+        reason=Reason.DEPLOY_AZ_FAILED,
+    )
+
+
+# --- the checks before a deployment ------------------------------------------------------------
+
+
+def preflight(plan: Plan, az: Az) -> None:
+    """What usually fails a deployment, named before it starts."""
+    az.json(["account", "show"])
+    state = az.run(
+        ["provider", "show", "--namespace", "Microsoft.KeyVault", "--query",
+         "registrationState", "-o", "tsv"],
+        read=True,
+    )  # fmt: skip
+    if state is not None and state.strip() != "Registered":
+        raise ConfinferError(
+            f"the Microsoft.KeyVault resource provider is {printable(state.strip(), 40)!r}",
+            reason=Reason.DEPLOY_PROVIDER_UNREGISTERED,
+            hint="az provider register --namespace Microsoft.KeyVault --wait",
+        )
+    location = str(plan.azure["location"])
+    size = str(plan.get("vm_size", DEFAULT_SIZE))
+    skus = az.json(
+        ["vm", "list-skus", "--location", location, "--size", size,
+         "--resource-type", "virtualMachines"]
+    )  # fmt: skip
+    if skus is not None:
+        _check_size(skus, size, location, plan, az)
+    key = _key_answer(plan, az)
+    if key is not None and not key.get("releasePolicy"):
+        raise ConfinferError(
+            f"the key {plan.key_id} already exists without a release policy",
+            reason=Reason.DEPLOY_KEY_WITHOUT_POLICY,
+            hint="Secure Key Release needs an exportable key created with its release policy; "
+            "choose another key_name, or delete and purge that key",
+        )
+
+
+def _key_answer(plan: Plan, az: Az) -> dict[str, Any] | None:
+    """The existing key, or None when there is none (or in a dry run)."""
+    args = [
+        "keyvault", "key", "show", "--vault-name", str(plan.azure["vault_name"]),
+        "--name", str(plan.get("key_name", "model-kek")),
+    ]  # fmt: skip
+    try:
+        answer = az.json(args)
+    except ConfinferError as exc:
+        text = str(exc)
+        if "(exit 3)" in text or "NotFound" in text or "not found" in text:
+            return None  # a new vault or a new key: the deployment creates it
+        raise
+    return answer if isinstance(answer, dict) else None
+
+
+def _check_size(skus: Any, size: str, location: str, plan: Plan, az: Az) -> None:
+    offered = [
+        s for s in skus if isinstance(s, dict) and str(s.get("name", "")).lower() == size.lower()
+    ]
+    usable = [s for s in offered if not s.get("restrictions")]
+    if not usable:
+        why = "is restricted for this subscription" if offered else "is not offered"
+        raise ConfinferError(
+            f"{size} {why} in {location}",
+            reason=Reason.DEPLOY_SIZE_UNAVAILABLE,
+            hint="choose a region with confidential H100 VMs (az vm list-skus --size "
+            f"{size} --all -o table)",
+        )
+    sku = usable[0]
+    family = str(sku.get("family", ""))
+    vcpus = next(
+        (
+            int(c["value"])
+            for c in sku.get("capabilities", [])
+            if isinstance(c, dict) and c.get("name") == "vCPUs" and str(c.get("value")).isdigit()
+        ),
+        0,
+    )
+    need = vcpus * int(plan.get("instance_count", 1))
+    usage = az.json(["vm", "list-usage", "--location", location]) or []
+    for entry in usage:
+        name = entry.get("name", {}) if isinstance(entry, dict) else {}
+        if isinstance(name, dict) and str(name.get("value", "")).lower() == family.lower():
+            try:
+                free = int(entry["limit"]) - int(entry["currentValue"])
+            except (KeyError, ValueError, TypeError):
+                break
+            if free < need:
+                raise ConfinferError(
+                    f"no quota for {need} vCPUs of {family} in {location} ({free} free)",
+                    reason=Reason.DEPLOY_NO_QUOTA,
+                    hint="request a quota increase for the NCC H100 v5 family in that region",
+                )
+            return
+    raise ConfinferError(
+        f"no quota for {family} in {location} (the subscription has none)",
+        reason=Reason.DEPLOY_NO_QUOTA,
+        hint="request a quota increase for the NCC H100 v5 family in that region",
+    )
+
+
+# --- the actions -------------------------------------------------------------------------------
+
+
+def _deployment_args(plan: Plan, verb: str, params_file: Path) -> list[str]:
+    return [
+        "deployment", "group", verb, "--resource-group", plan.group, "--name",
+        plan.deployment, "--template-file", str(TEMPLATE), "--parameters", f"@{params_file}",
+    ]  # fmt: skip
+
+
+def deploy(plan: Plan, az: Az, *, what_if: bool = False) -> Any:
+    """Create or update the deployment (or show what it would change)."""
+    preflight(plan, az)
+    document = parameters(plan, user_data(plan))
+    with tempfile.TemporaryDirectory(prefix="confinfer-deploy-") as work:
+        params_file = Path(work) / "parameters.json"
+        fd = os.open(params_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(document, stream, indent=1)
+        if what_if:
+            return az.run(_deployment_args(plan, "what-if", params_file))
+        az.json(["group", "create", "--name", plan.group, "--location",
+                 str(plan.azure["location"])])  # fmt: skip
+        return az.json(_deployment_args(plan, "create", params_file))
+
+
+def outputs(plan: Plan, az: Az) -> dict[str, str] | None:
+    answer = az.json(
+        ["deployment", "group", "show", "--resource-group", plan.group, "--name",
+         plan.deployment, "--query", "properties.outputs"]
+    )  # fmt: skip
+    if answer is None:
+        return None
+    if not isinstance(answer, dict):
+        raise ServiceError(
+            "the deployment's outputs are not a JSON object", reason=Reason.DEPLOY_AZ_FAILED
+        )
+    return {
+        str(name): str(value.get("value", "")) if isinstance(value, dict) else ""
+        for name, value in answer.items()
+    }
+
+
+def destroy(plan: Plan, az: Az, *, yes: bool, ask: Callable[[str], str] = input) -> bool:
+    """Delete the resource group; asks first unless ``yes``. The vault stays soft-deleted
+    (purge protection) for its retention period."""
+    if not yes and not az.dry_run:
+        if not sys.stdin.isatty() and ask is input:
+            raise ConfinferError(
+                "destroy asks before it deletes; give --yes to run it unattended",
+                reason=Reason.USAGE,
+            )
+        answer = ask(f"delete resource group {plan.group} and everything in it? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            return False
+    az.run(["group", "delete", "--name", plan.group, "--yes"])
+    return True

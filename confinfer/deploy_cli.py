@@ -1,0 +1,58 @@
+"""``confinfer deploy [create|what-if|outputs|destroy] --config deploy.toml``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register_deploy(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "deploy",
+        help="deploy the appliance to Azure (Bicep through the az CLI)",
+        description=(
+            "Deploy bicep-wrapper/main.bicep with the Azure CLI: checks the login, the Key "
+            "Vault provider, the VM size and quota in the region and an existing key, renders "
+            "the VM's user data, then creates the deployment. what-if shows the changes; "
+            "outputs prints the FQDN, key id and identity; destroy deletes the resource group."
+        ),
+    )
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="create",
+        choices=("create", "what-if", "outputs", "destroy"),
+        help="what to do (default: create)",
+    )
+    parser.add_argument("--config", type=Path, required=True, metavar="FILE", help="deploy.toml")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print every az command instead of running it"
+    )
+    parser.add_argument("--yes", action="store_true", help="destroy without asking")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from confinfer import deploy
+
+    plan = deploy.load_plan(args.config)
+    az = deploy.Az(dry_run=args.dry_run)
+    if args.action == "outputs":
+        found = deploy.outputs(plan, az)
+        if found is not None:
+            json.dump(found, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+        return 0
+    if args.action == "destroy":
+        if not deploy.destroy(plan, az, yes=args.yes):
+            print("confinfer: nothing deleted", file=sys.stderr)
+        return 0
+    result = deploy.deploy(plan, az, what_if=args.action == "what-if")
+    if args.action == "create" and isinstance(result, dict):
+        found = deploy.outputs(plan, az)
+        if found:
+            json.dump(found, sys.stdout, indent=2, sort_keys=True)
+            sys.stdout.write("\n")
+    return 0
