@@ -66,6 +66,8 @@ _AZURE_KEYS: dict[str, type | tuple[type, ...]] = {
     "model_container": str,
     "deployment_name": str,
 }
+# The VM's configuration keys that deploy writes from [azure], never from [appliance].
+_FROM_AZURE = {"maa_url": "maa_authority", "key_id": "vault_name and key_name"}
 _REQUIRED = ("resource_group", "location", "name_prefix", "vault_name", "ssh_public_key")
 
 
@@ -128,6 +130,12 @@ def load_plan(path: Path) -> Plan:
     for key in appliance:
         if key not in config.BY_NAME:
             raise _bad(path, f"[appliance] {key!r} is not a confinfer configuration key")
+        if key in _FROM_AZURE:
+            raise _bad(
+                path,
+                f"[appliance] {key} comes from [azure] ({_FROM_AZURE[key]}): the KEK's release "
+                "policy names that authority and key, so the VM must use the same",
+            )
     return Plan(path, azure, appliance)
 
 

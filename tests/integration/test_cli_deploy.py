@@ -217,6 +217,8 @@ def test_az_errors_are_one_line(tmp_path: Path) -> None:
     ("appliance", "reason"),
     [
         ('no_such_key = "x"', "config-invalid"),
+        ('maa_url = "https://other.attest.azure.net"', "config-invalid"),
+        ('key_id = "https://other.vault.azure.net/keys/k"', "config-invalid"),
         (
             "serving_args = [" + ", ".join(['"' + "x" * 1200 + '"'] * 60) + "]",
             "deploy-user-data-too-large",
