@@ -34,9 +34,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import signal
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,7 +50,7 @@ from attestd.gpuevidence import GpuEvidenceResult, NvattestBackend, NvattestOpti
 from attestd.metrics import Metrics
 from attestd.state import Check, Observation, Policy, Status, Tick, Transition
 from attestd.vtpm import VtpmChecker
-from confinfer import __version__, config, log, sdnotify
+from confinfer import __version__, config, daemons, log, sdnotify
 from confinfer.attestd_api import Event, Evidence, GpuSummary, Health, State
 from confinfer.config import Config
 from confinfer.errors import ConfigError, ConfinferError, Kind, Reason, ServiceError, printable
@@ -477,25 +475,15 @@ class Daemon:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attestd",
-        description="Keep attesting the GPU and the vTPM; answer on a Unix socket.",
-    )
-    parser.add_argument("--version", action="version", version=f"attestd {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        type=Path,
-        action="append",
-        help="configuration file (TOML) instead of /etc/confinfer/*.toml; may repeat",
+    parser = daemons.parser(
+        "attestd", "Keep attesting the GPU and the vTPM; answer on a Unix socket."
     )
     parser.add_argument("--socket", metavar="PATH", help="socket path (default: attestd_socket)")
-    parser.add_argument("--debug", action="store_true", help="verbose logs")
     return parser
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    files = tuple(args.config) if args.config else None
+    files = daemons.config_files(args)
     cfg = config.override(config.load(files=files), attestd_socket=args.socket)
     if cfg.gpu_expected_count < 1:
         raise ConfigError(
@@ -545,11 +533,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args)
         return asyncio.run(serve(cfg))
     except ConfinferError as exc:
-        prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
-        print(f"{prefix}attestd: {exc.one_line()}", file=sys.stderr)
-        if exc.hint:
-            print(f"{prefix}hint: {printable(exc.hint)}", file=sys.stderr)
-        return exc.exit_code
+        return daemons.fail("attestd", exc)
     except KeyboardInterrupt:
         return Kind.INTERRUPTED.exit_code
 

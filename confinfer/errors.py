@@ -60,6 +60,7 @@ class Reason(enum.StrEnum):
     PACKAGE_UNREADABLE = "package-unreadable"
     UNSUPPORTED_FILE = "unsupported-file"
     DEPLOY_USER_DATA_TOO_LARGE = "deploy-user-data-too-large"
+    REQUEST_TOO_LARGE = "request-too-large"
     # integrity and format
     INTEGRITY = "integrity"
     FORMAT = "format"
@@ -188,6 +189,7 @@ class Reason(enum.StrEnum):
     DEPLOY_SIZE_UNAVAILABLE = "deploy-size-unavailable"
     DEPLOY_NO_QUOTA = "deploy-no-quota"
     DEPLOY_KEY_WITHOUT_POLICY = "deploy-key-without-policy"
+    API_KEY_REQUIRED = "api-key-required"
     BLOB_FORBIDDEN = "blob-forbidden"
     MODEL_SWAP = "model-swap"
     # configuration

@@ -40,7 +40,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from confinfer import __version__, config, log, sdnotify
+from confinfer import config, daemons, log, sdnotify
 from confinfer.attestd_api import Client, Event, State
 from confinfer.config import Config
 from confinfer.errors import (
@@ -606,29 +606,10 @@ def _cpus() -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="model-loader",
-        description="Serve a sealed model from a private tmpfs while attestd vouches for the VM.",
+    return daemons.parser(
+        "model-loader",
+        "Serve a sealed model from a private tmpfs while attestd vouches for the VM.",
     )
-    parser.add_argument("--version", action="version", version=f"model-loader {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        type=Path,
-        action="append",
-        help="configuration file (TOML) instead of /etc/confinfer/*.toml; may repeat",
-    )
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    return parser
-
-
-def _fail(exc: ConfinferError) -> int:
-    prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
-    print(f"{prefix}model-loader: {exc.one_line()}", file=sys.stderr)
-    if exc.hint:
-        print(f"{prefix}hint: {printable(exc.hint)}", file=sys.stderr)
-    sdnotify.status(f"failed: {exc.reason}")
-    return exc.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -637,14 +618,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopper = Stopper()
     stopper.install()
     try:
-        cfg = config.load(files=tuple(args.config) if args.config else None)
+        cfg = config.load(files=daemons.config_files(args))
         return Service(cfg, stopper=stopper).run()
     except Interrupted:
         return 0 if stopper.signum == signal.SIGTERM else Kind.INTERRUPTED.exit_code
     except ConfinferError as exc:
         if args.debug:
             LOG.exception("failed")
-        return _fail(exc)
+        return daemons.fail("model-loader", exc)
     except Exception:
         LOG.exception("internal error")
         return Kind.SOFTWARE.exit_code

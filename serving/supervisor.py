@@ -32,10 +32,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import FrameType
 
-from confinfer import __version__, config, log, sdnotify
+from confinfer import config, daemons, log, sdnotify
 from confinfer.config import Config
 from confinfer.errors import ConfinferError, Kind, Reason, printable
 from serving import health
@@ -337,33 +336,16 @@ class Supervisor:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vllm-supervisor",
-        description="Run the serving engine's container; READY only when its /health answers.",
-    )
-    parser.add_argument("--version", action="version", version=f"vllm-supervisor {__version__}")
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        type=Path,
-        action="append",
-        help="configuration file (TOML) instead of /etc/confinfer/*.toml; may repeat",
+    parser = daemons.parser(
+        "vllm-supervisor",
+        "Run the serving engine's container; READY only when its /health answers.",
     )
     parser.add_argument(
         "--cleanup",
         action="store_true",
         help="only remove a serving container left behind, then exit (for ExecStopPost=)",
     )
-    parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     return parser
-
-
-def _report(exc: ConfinferError) -> None:
-    prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
-    print(f"{prefix}vllm-supervisor: {exc.one_line()}", file=sys.stderr)
-    if exc.hint:
-        print(f"{prefix}hint: {printable(exc.hint)}", file=sys.stderr)
-    sdnotify.status(f"failed: {exc.one_line()}")
 
 
 def serve(cfg: Config, wakeup: Wakeup, stop: Stop) -> int:
@@ -412,13 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     stop = Stop(wakeup)
     stop.install()  # first: a SIGTERM during start-up still removes what was started
     try:
-        cfg = config.load(files=tuple(args.config) if args.config else None)
+        cfg = config.load(files=daemons.config_files(args))
         return cleanup(cfg) if args.cleanup else serve(cfg, wakeup, stop)
     except ConfinferError as exc:
         if args.debug:
             LOG.exception("failed")
-        _report(exc)
-        return exc.exit_code
+        return daemons.fail("vllm-supervisor", exc)
     except Exception:
         LOG.exception("internal error")  # not an expected failure: a bug; always a traceback
         return Kind.SOFTWARE.exit_code
