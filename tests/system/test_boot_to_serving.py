@@ -223,7 +223,21 @@ def drop_ins(repo: Path, testbed_dir: Path, home_bound: bool) -> dict[str, str]:
                 "RestartSec=2",
             ]
         ),
-        "vllm.service": "\n".join(["[Service]", *home]),
+        "vllm.service": "\n".join(
+            [
+                "[Service]",
+                *home,
+                *(
+                    [
+                        "# The checkout (its venv) is bound in under the host's /tmp: a private",
+                        "# /tmp would hide the supervisor's executable.",
+                        "PrivateTmp=no",
+                    ]
+                    if repo.parts[1:2] == ("tmp",)
+                    else []
+                ),
+            ]
+        ),
     }
 
 
