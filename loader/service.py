@@ -7,9 +7,9 @@ VM (DESIGN.md §3):
 2. waits for attestd to be ``healthy`` (its event stream; ``loader_attestd_wait_s``);
 3. gets the sealed package: ``model_source`` is a package directory, or a Blob prefix that is
    downloaded into a private staging directory (loader.blob);
-4. mounts the tmpfs at ``model_dir`` in the host's mount namespace (loader.tmpfs), releases the
-   KEK (Secure Key Release) and unseals into it on every CPU the unit is given, through the same
-   code as ``confinfer unseal --skr``;
+4. releases the KEK (Secure Key Release), then mounts the tmpfs at ``model_dir`` in the host's
+   mount namespace (loader.tmpfs) and unseals into it on every CPU the unit is given, through the
+   same code as ``confinfer unseal --skr``; a refused release never mounts anything;
 5. hands the tree to the engine read-only (root:``serving_gid``, directories 0550, files 0440,
    the root 0750) and writes ``model.json`` next to the mount (loader.tmpfs.write_handoff);
 6. sends ``READY=1`` and follows attestd: ``revoked`` wipes and exits with attestd's reason;
@@ -34,11 +34,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
 from confinfer import config, daemons, log, sdnotify
 from confinfer.attestd_api import Client, Event, State
@@ -53,17 +53,14 @@ from confinfer.errors import (
     UsageError,
     printable,
 )
+from confinfer.follow import EventSource, Follower
 from loader import blob, signals, tmpfs
 from loader import format as fmt
 from loader.progress import Progress, human_bytes
 
 LOG = logging.getLogger("model-loader")
 
-# attestd sends a keep-alive line every 15 s on an idle stream: three missed ones is a dead peer.
-EVENTS_IDLE_S = 45.0
 CONNECT_TIMEOUT_S = 2.0
-BACKOFF_FIRST_S = 0.2
-BACKOFF_MAX_S = 2.0
 TICK_S = 1.0
 
 
@@ -206,77 +203,6 @@ class Guard:
                 raise verdict
 
 
-class EventSource(Protocol):
-    """What the feed needs of :class:`~confinfer.attestd_api.Client`: a stream of events that
-    has a ``close()``, callable from another thread."""
-
-    def events(self, *, idle_timeout: float | None = None) -> Iterable[Event]: ...
-
-
-class Feed:
-    """A thread that keeps one event stream open to attestd, reconnecting with backoff, and
-    reports what it sees to a :class:`Guard`."""
-
-    def __init__(
-        self,
-        client: EventSource,
-        guard: Guard,
-        *,
-        backoff: tuple[float, float] = (BACKOFF_FIRST_S, BACKOFF_MAX_S),
-    ) -> None:
-        self._client = client
-        self._guard = guard
-        self._backoff = backoff
-        self._stop = threading.Event()
-        self._stream: Iterable[Event] | None = None
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="attestd-events", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        delay = self._backoff[0]
-        while not self._stop.is_set():
-            try:
-                stream = self._client.events(idle_timeout=EVENTS_IDLE_S)
-            except ConfinferError as exc:
-                self._guard.on_lost(exc.message)
-            else:
-                with self._lock:
-                    self._stream = stream
-                try:
-                    for event in stream:
-                        if self._stop.is_set():
-                            break
-                        self._guard.on_event(event)
-                        delay = self._backoff[0]
-                    else:
-                        if not self._stop.is_set():
-                            self._guard.on_lost("the event stream ended")
-                except ConfinferError as exc:
-                    if not self._stop.is_set():
-                        self._guard.on_lost(exc.message)
-                finally:
-                    self._close_stream()
-            if self._stop.wait(delay):
-                break
-            delay = min(delay * 2, self._backoff[1])
-            self._guard.check()
-
-    def _close_stream(self) -> None:
-        with self._lock:
-            stream, self._stream = self._stream, None
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._close_stream()
-        self._thread.join(5.0)
-
-
 # --- signals ----------------------------------------------------------------------------------
 
 
@@ -344,6 +270,7 @@ class Service:
         self.handoff = self.target.parent / tmpfs.HANDOFF_NAME
         self.guard = Guard(cfg.loader_attestd_grace_s, interrupt=self.stopper.interrupt)
         self._mounted = False
+        self._noswap = False
 
     # the run
 
@@ -353,7 +280,7 @@ class Service:
         tmpfs.remove_handoff(self.handoff)
         if tmpfs.clean_stale(self.target):
             LOG.info("removed the model tmpfs a previous run left at %s", self.target)
-        feed = Feed(self.client, self.guard)
+        feed = Follower(self.client, self.guard)
         feed.start()
         try:
             self._wait_healthy()
@@ -367,9 +294,10 @@ class Service:
                 f"({loaded.model_path})"
             )
             LOG.info(
-                "%s; %d files, noswap=%s, source %s",
+                "%s; %d files, unseal_s=%.3f, noswap=%s, source %s",
                 line,
                 loaded.files,
+                loaded.unseal_s,
                 "yes" if loaded.noswap else "no",
                 printable(source, 200),
             )
@@ -504,9 +432,11 @@ class Service:
                 with SealedPackage.open(pkg_dir) as pkg:
                     plain = pkg.header.total_size
                     entries = len(pkg.header.files) + len(pkg.header.directories)
+                    wrapped, key_id = pkg.header.wrapped_dek, pkg.header.key_id
             elif tut is not None:
                 plain = max(tut.archive.stat().st_size - tutorial.NONCE_LEN - tutorial.TAG_LEN, 0)
                 entries = 0
+                wrapped, key_id = tut.read_wrapped_dek(), None
             else:
                 raise UsageError(
                     f"{pkg_dir} holds neither {fmt.PACKAGE_FILE} nor the tutorial layout "
@@ -514,25 +444,30 @@ class Service:
                     reason=Reason.PACKAGE_UNREADABLE,
                 )
             size = tmpfs.tmpfs_size(plain, entries, cfg.model_tmpfs_bytes)
-            noswap = tmpfs.mount(self.target, size, allow_swap=cfg.model_allow_swap)
-            self._mounted = True
             caps = [c for c in (cfg.max_bytes, cfg.model_tmpfs_bytes) if c is not None]
             progress = Progress("unsealing", enabled=False)
-            dest = Destination(self.target, max_bytes=min(caps) if caps else None)
-            start = time.monotonic()
-            with _Ticker(progress, self._watchdog), dest:
-                sdnotify.status("unsealing: releasing the key")
-                if tut is None:
-                    unseal_package(pkg_dir, dest, unwrapper, progress=progress, workers=_cpus())
-                else:
-                    wrapped = tut.read_wrapped_dek()
-                    dek = unwrapper.unwrap(wrapped, None)
-                    try:
+            # The key first: the tmpfs is mounted only once Key Vault has released it, so a
+            # refused release never leaves a mount behind.
+            sdnotify.status("unsealing: releasing the key")
+            asked = time.monotonic()
+            dek = unwrapper.unwrap(wrapped, key_id)
+            release_s = time.monotonic() - asked
+            LOG.info("the key was released in %.2f s", release_s)
+            try:
+                self._mount(size, plain)
+                dest = Destination(self.target, max_bytes=min(caps) if caps else None)
+                start = time.monotonic()
+                with _Ticker(progress, self._watchdog), dest:
+                    if tut is None:
+                        unseal_package(
+                            pkg_dir, dest, _Released(dek), progress=progress, workers=_cpus()
+                        )
+                    else:
                         progress.set_total(tut.archive.stat().st_size)
                         tutorial.unseal_tutorial(tut.archive, dest, dek, progress.advance)
-                    finally:
-                        zero(dek)
-                        del dek
+            finally:
+                zero(dek)
+                del dek
             unseal_s = time.monotonic() - start
         files, nbytes = tmpfs.hand_over(self.target, cfg.serving_gid)
         model_path = tmpfs.find_model_path(self.target)
@@ -542,11 +477,24 @@ class Service:
                 "model_path": str(model_path),
                 "bytes": nbytes,
                 "files": files,
+                "release_s": round(release_s, 3),
                 "unseal_s": round(unseal_s, 3),
                 "source": source,
             },
         )
-        return Loaded(model_path, nbytes, files, unseal_s, noswap)
+        return Loaded(model_path, nbytes, files, unseal_s, self._noswap)
+
+    def _mount(self, size: int, plain: int) -> None:
+        """The tmpfs, once the key is released: a refused release never leaves a mount."""
+        self._noswap = tmpfs.mount(self.target, size, allow_swap=self.cfg.model_allow_swap)
+        self._mounted = True
+        LOG.info(
+            "tmpfs mounted at %s (%s, noswap=%s)",
+            self.target,
+            human_bytes(size),
+            "yes" if self._noswap else "no",
+        )
+        sdnotify.status(f"unsealing: key released, decrypting {human_bytes(plain)}")
 
     # wiping
 
@@ -566,6 +514,19 @@ class Service:
             tmpfs.unmount(self.target)
             self._mounted = False
             LOG.info("model wiped and %s unmounted", self.target)
+
+
+class _Released:
+    """The unwrapper for a DEK Key Vault has released already: it hands it over once."""
+
+    def __init__(self, dek: bytearray) -> None:
+        self._dek: bytearray | None = dek
+
+    def unwrap(self, wrapped: bytes, key_id: str | None) -> bytearray:
+        dek, self._dek = self._dek, None
+        if dek is None:
+            raise RuntimeError("the released DEK was handed over already")
+        return dek
 
 
 class _Ticker:
@@ -636,7 +597,6 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 __all__ = [
-    "Feed",
     "Guard",
     "Service",
     "Stopper",

@@ -67,6 +67,10 @@ class Engine(Protocol):
         """Stop (SIGTERM, then SIGKILL after ``timeout_s``) and remove the container."""
         ...
 
+    def kill(self) -> bool:
+        """Kill (SIGKILL) and remove the container at once; whether there was one."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -272,6 +276,16 @@ class DockerEngine:
                 container.stop(timeout=int(max(1, timeout_s)))
             with contextlib.suppress(docker.errors.NotFound):
                 container.remove(force=True)
+
+    def kill(self) -> bool:
+        with self._lock:
+            container, self._container = self._container, None
+        if container is None:
+            return False
+        with docker_errors("killing the serving container", default=Reason.DOCKER_UNAVAILABLE):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)  # SIGKILL and remove, one API call
+        return True
 
     def close(self) -> None:
         for client in (self._waiter, self._client):

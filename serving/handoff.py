@@ -3,7 +3,7 @@
 Once the model is unsealed, model-loader writes ``<model_dir>/../model.json``::
 
     {"model_path": "/run/confinfer/model/<dir holding config.json>", "bytes": N, "files": N,
-     "unseal_s": T, "source": "..."}
+     "release_s": T, "unseal_s": T, "source": "..."}
 
 and only then sends ``READY=1``, so ``vllm.service`` (``BindsTo=`` + ``After=`` model-loader)
 finds it complete. The file is read as untrusted input: it may only *select* a directory inside

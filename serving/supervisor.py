@@ -10,6 +10,9 @@
    :data:`UNHEALTHY_AFTER` failures in a row (a hung engine) fail it too; ``WATCHDOG=1`` is sent
    from that loop when systemd asks for it.
 5. SIGTERM or SIGINT: ``STOPPING=1``, the container is stopped and removed, exit 0.
+6. Follows attestd's event stream (:class:`Revocation`): on ``revoked`` the container is
+   killed at once, then as 5. (model-loader wipes on the same event, and systemd stops the
+   unit; this only makes the engine go first and fast).
 
 Every way out removes the container, so stopping model-loader (``BindsTo=``) leaves none
 behind. A supervisor killed outright (SIGKILL, the watchdog's abort) runs no cleanup: the
@@ -35,8 +38,10 @@ from dataclasses import dataclass
 from types import FrameType
 
 from confinfer import config, daemons, log, sdnotify
+from confinfer.attestd_api import Client, Event, State
 from confinfer.config import Config
 from confinfer.errors import ConfinferError, Kind, Reason, printable
+from confinfer.follow import Follower
 from serving import health
 from serving.container import LISTEN_HOST, STOP_TIMEOUT_S, check_serving_args, container_spec
 from serving.engine import DockerEngine, Engine
@@ -50,6 +55,7 @@ HEALTH_INTERVAL_S = 5.0
 UNHEALTHY_AFTER = 3  # consecutive /health failures of a ready engine before the unit fails
 LOG_TAIL_LINES = 20
 LOG_TAIL_CHARS = 1500
+CONNECT_TIMEOUT_S = 2.0  # attestd's socket
 
 
 @dataclass(frozen=True)
@@ -109,18 +115,32 @@ class Wakeup:
 
 
 class Stop:
-    """A stop request: set from a signal handler (``SIGTERM``) or by a caller."""
+    """A stop request: set from a signal handler (``SIGTERM``), by a revocation or by a
+    caller. ``why`` says which, for the log."""
 
     def __init__(self, wakeup: Wakeup) -> None:
         self.signum: int | None = None
+        self.why: str | None = None
+        self.revocation = False  # the container is killed, not stopped gracefully
         self._wakeup = wakeup
 
     def __bool__(self) -> bool:
-        return self.signum is not None
+        return self.why is not None
 
     def request(self, signum: int = signal.SIGTERM) -> None:
-        if self.signum is None:
+        if self.why is None:
             self.signum = signum
+            self.why = signal.Signals(signum).name
+        self._wakeup.set()
+
+    def revoked(self, reason: str) -> None:
+        """attestd revoked attestation (from the follower's thread, not a signal handler).
+        The caller kills the engine, then calls :meth:`wake`."""
+        self.revocation = True
+        if self.why is None:
+            self.why = f"attestd revoked attestation ({reason})"
+
+    def wake(self) -> None:
         self._wakeup.set()
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
@@ -129,6 +149,48 @@ class Stop:
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.handler)
+
+
+class Revocation:
+    """The supervisor's listener on attestd's event stream: on ``revoked`` the engine's
+    container is killed at once, from the follower's thread, and the supervisor stops.
+
+    model-loader wipes the model on the same event and systemd then stops this unit
+    (``BindsTo=``), but killing here first means the engine serves nothing, and lets go of
+    the model's pages, within a fraction of a second of the event rather than after that
+    chain and a graceful stop. A lost stream is not a revocation: the loader weighs attestd
+    being away against its grace, and stops this unit when that runs out.
+    """
+
+    def __init__(self, engine: Engine, stop: Stop) -> None:
+        self._engine = engine
+        self._stop = stop
+        self.event: Event | None = None
+
+    def on_event(self, event: Event) -> None:
+        if event.state is not State.REVOKED or self.event is not None:
+            return
+        self.event = event
+        LOG.warning(
+            "attestd revoked attestation (%s): %s; killing the engine",
+            event.reason,
+            printable(event.line, 300),
+        )
+        # First the stop, so that the container's exit reads as expected; then the kill;
+        # then the main loop is woken (its own removal kills too, whichever comes first).
+        self._stop.revoked(event.reason)
+        try:
+            if self._engine.kill():
+                LOG.info("serving container killed and removed")
+        except ConfinferError as exc:
+            LOG.error("could not kill the serving container: %s", exc.one_line())
+        self._stop.wake()
+
+    def on_lost(self, why: str) -> None:
+        LOG.debug("attestd's event stream: %s", why)
+
+    def check(self) -> None:
+        pass
 
 
 def _tail(engine: Engine) -> str:
@@ -211,17 +273,19 @@ class Supervisor:
             self._remove()
 
     def _stopped(self) -> int:
-        signum = self._stop.signum
-        name = signal.Signals(signum).name if signum is not None else "request"
-        LOG.info("stopping on %s", name)
-        sdnotify.stopping("stopping the engine")
+        why = self._stop.why or "request"
+        LOG.info("stopping: %s", why)
+        sdnotify.stopping(f"stopping the engine: {why}")
         return 0
 
     def _remove(self) -> None:
         if not self._started:
             return
         try:
-            self.engine.stop(self.timing.stop_timeout_s)
+            if self._stop.revocation:
+                self.engine.kill()
+            else:
+                self.engine.stop(self.timing.stop_timeout_s)
         except ConfinferError as exc:
             # The unit is ending either way; say so, and let the caller's failure (if any) win.
             LOG.error("could not remove the serving container: %s", exc.one_line())
@@ -360,6 +424,10 @@ def serve(cfg: Config, wakeup: Wakeup, stop: Stop) -> int:
     LOG.info("model hand-off: %s (%s)", handoff.model_path, ", ".join(f for f in facts if f))
     sdnotify.status(f"starting the engine: {cfg.serving_image} serving {handoff.model_path}")
     engine = DockerEngine(cfg.docker_host)
+    follower = Follower(
+        Client(cfg.attestd_socket, timeout=CONNECT_TIMEOUT_S), Revocation(engine, stop)
+    )
+    follower.start()
     try:
         watchdog_s = sdnotify.watchdog_interval()
         supervisor = Supervisor(
@@ -373,6 +441,7 @@ def serve(cfg: Config, wakeup: Wakeup, stop: Stop) -> int:
         )
         return supervisor.run()
     finally:
+        follower.close()
         engine.close()
 
 

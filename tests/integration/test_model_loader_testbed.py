@@ -241,6 +241,10 @@ def test_serves_the_model_then_wipes_on_sigterm(
     with workdir() as work, loader(testbed, attestd, work, packages.sealed, wrap=UNIT_CAPS) as run:
         ready = run.wait_ready()
         assert ready["STATUS"].startswith("model ready: 3.3 MiB in ")
+        statuses = run.statuses()
+        released = statuses.index("unsealing: key released, decrypting 3.3 MiB")
+        assert statuses.index("unsealing: releasing the key") < released
+        assert "tmpfs mounted at" in run.log()
         assert ready["STATUS"].endswith(f" s ({run.target})")
         assert any(s.startswith("waiting for attestd") for s in run.statuses())
 
@@ -379,7 +383,11 @@ def test_a_revocation_interrupts_the_key_release(
     try:
         with running(testbed.env) as daemon, workdir() as work:
             with loader(testbed, daemon, work, packages.sealed) as run:
-                wait_for("the tmpfs", lambda: True if mounted(run.target) else None, 60)
+                wait_for(
+                    "the key release",
+                    lambda: "unsealing: releasing the key" in run.statuses() or None,
+                    60,
+                )
                 start = time.monotonic()
                 testbed.cli("gpu", "cc-off")
                 assert_failed(run, Reason.GPU_CC_OFF)
@@ -387,6 +395,17 @@ def test_a_revocation_interrupts_the_key_release(
                 assert_wiped(run)
     finally:
         testbed.cli("gpu", "cc-on")
+
+
+def test_a_refused_release_never_mounts_the_tmpfs(
+    testbed: RunningTestbed, attestd: Attestd, packages: Packages
+) -> None:
+    testbed.cli("fault", "kv-release", "--status", "403")
+    with workdir() as work, loader(testbed, attestd, work, packages.sealed) as run:
+        assert_failed(run, Reason.RELEASE_REFUSED)
+        assert "tmpfs mounted" not in run.log()
+        assert not any(s.startswith("unsealing: key released") for s in run.statuses())
+        assert_wiped(run)
 
 
 def test_attestd_gone_past_the_grace_wipes(testbed: RunningTestbed, packages: Packages) -> None:

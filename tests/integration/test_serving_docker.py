@@ -33,7 +33,8 @@ from typing import Any, TypeVar
 import docker  # type: ignore[import-untyped]
 import pytest
 
-from tests.attestd_proc import NotifyListener
+from tests.attestd_proc import NotifyListener, running
+from tests.integration.conftest import RunningTestbed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -265,7 +266,9 @@ def supervise(dockerd: Dockerd, image: str) -> Iterator[Callable[..., Run]]:
     work = Path(tempfile.mkdtemp(prefix="cfsv.", dir="/tmp"))
     work.chmod(0o755)  # the engine (uid 10001) walks down to the model, as on the VM
 
-    def start(*serving_args: str, image_name: str | None = None) -> Run:
+    def start(
+        *serving_args: str, image_name: str | None = None, attestd: Path | None = None
+    ) -> Run:
         model_dir = work / f"run{len(runs)}" / "model"
         model = model_dir / "tiny"
         model.mkdir(parents=True)
@@ -288,6 +291,7 @@ def supervise(dockerd: Dockerd, image: str) -> Iterator[Callable[..., Run]]:
                     f'docker_host = "{dockerd.host}"',
                     "serving_ready_timeout_s = 60",
                     f"serving_args = {json.dumps(list(serving_args))}",
+                    f'attestd_socket = "{attestd or work / "no-attestd.sock"}"',
                 ]
             )
             + "\n"
@@ -441,3 +445,23 @@ def test_a_missing_image_is_refused_and_nothing_is_pulled(
     assert "vllm-supervisor: serving-image-missing: " in err
     assert dockerd.ours() == []
     assert [i.tags for i in dockerd.client.images.list()] == [[IMAGE]]
+
+
+def test_a_revocation_kills_the_engine_at_once(
+    dockerd: Dockerd, supervise: Callable[..., Run], testbed: RunningTestbed
+) -> None:
+    with running(testbed.env) as daemon:
+        run = supervise("--ready-after", "1", attestd=daemon.socket_path)
+        wait_for("READY=1", lambda: run.ready() or None)
+        assert len(dockerd.ours()) == 1
+        testbed.cli("gpu", "cc-off")
+        try:
+            code, err = run.finish()
+        finally:
+            testbed.cli("gpu", "cc-on")
+    assert code == 0, err  # a stop, as asked: model-loader reports the revocation
+    assert dockerd.ours() == []
+    assert "attestd revoked attestation (gpu-cc-off)" in err
+    assert "serving container killed and removed" in err
+    stopping = [m for m in run.notify.snapshot() if "STOPPING" in m]
+    assert stopping[0]["STATUS"] == "stopping the engine: attestd revoked attestation (gpu-cc-off)"

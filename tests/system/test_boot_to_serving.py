@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import secrets
 import shutil
@@ -39,6 +40,8 @@ from typing import Any
 
 import pytest
 
+from bench import boot as boot_bench
+from bench.boot import Record
 from testbed.env import read_env_file
 from tests.cli import run_confinfer
 from tests.integration.conftest import RunningTestbed, run_cli, start_testbed
@@ -119,6 +122,43 @@ class Appliance:
             "temperature": 0,
         }
         return self.https("/v1/chat/completions", body, key=key)
+
+    def first_token(self) -> float:
+        """A streamed chat completion through Caddy: the moment its first content arrived."""
+        ca = self.machine.path("/var/lib/caddy/pki/authorities/local/root.crt")
+        context = ssl.create_default_context(cafile=str(ca))
+        conn = http.client.HTTPSConnection(
+            "localhost", self.https_port, context=context, timeout=60
+        )
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Hello there"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+        }
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {self.api_key}"}
+        try:
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()[:2000]
+            for _ in range(200):
+                line = resp.readline()
+                if not line:
+                    break
+                if not line.startswith(b"data: {"):
+                    continue
+                delta = json.loads(line[6:])["choices"][0].get("delta", {})
+                if delta.get("content"):
+                    return time.monotonic()
+            raise AssertionError("the stream ended without a content chunk")
+        finally:
+            conn.close()
+
+    def journal_json(self) -> list[str]:
+        return self.machine.run(
+            ["journalctl", "-b", "-o", "json", "--no-pager"]
+        ).stdout.splitlines()
 
     def status(self) -> str:
         text = self.machine.systemctl(
@@ -327,12 +367,33 @@ def use_package(app: Appliance, source: Path, image: Image) -> None:
 # --- 1. boot to serving -----------------------------------------------------------------------
 
 
-def test_serves_a_chat_completion_over_tls(appliance: Appliance) -> None:
+@pytest.fixture(scope="module")
+def marks() -> dict[str, float]:
+    """The moments the tests acted on (CLOCK_MONOTONIC, the journal's clock too): bench.boot
+    reads them with the journal."""
+    return {}
+
+
+def bench_out(app: Appliance, marks: dict[str, float]) -> list[Record]:
+    """The journal as records; written with the marks for ``python -m bench.boot`` when it
+    runs this test."""
+    lines = app.journal_json()
+    where = os.environ.get(boot_bench.ENV_DIR)
+    if where:
+        (Path(where) / boot_bench.JOURNAL_FILE).write_text("\n".join(lines) + "\n")
+        (Path(where) / boot_bench.MARKS_FILE).write_text(json.dumps(marks))
+    return boot_bench.parse_journal(lines)
+
+
+def test_serves_a_chat_completion_over_tls(appliance: Appliance, marks: dict[str, float]) -> None:
     app = appliance
-    started = time.monotonic()
+    marks["start"] = time.monotonic()
     app.machine.systemctl("start", "--no-block", TARGET)
     app.wait("vllm.service", "ActiveState", "active", SERVE_TIMEOUT_S)
-    report(f"confinfer.target to serving in {time.monotonic() - started:.1f} s")
+    report(f"confinfer.target to serving in {time.monotonic() - marks['start']:.1f} s")
+    marks["first_token"] = app.first_token()
+    stages = boot_bench.boot_stages(bench_out(app, marks), marks)
+    report("boot stages: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
     status, answer = app.chat(app.api_key)
     assert status == 200, answer
     assert answer["object"] == "chat.completion"
@@ -376,15 +437,22 @@ def test_an_attestd_restart_keeps_serving(appliance: Appliance) -> None:
 # --- 3. revocation ----------------------------------------------------------------------------
 
 
-def test_cc_off_wipes_stops_the_engine_and_caddy_says_why(appliance: Appliance) -> None:
+def test_cc_off_wipes_stops_the_engine_and_caddy_says_why(
+    appliance: Appliance, marks: dict[str, float]
+) -> None:
     app = appliance
-    started = time.monotonic()
+    marks["cc_off"] = time.monotonic()
     app.testbed.cli("gpu", "cc-off")
     try:
         app.wait("vllm.service", "ActiveState", "inactive", 60)
-        took = time.monotonic() - started
+        took = time.monotonic() - marks["cc_off"]
         app.machine.wait_for(lambda: not app.container_exists(), 30, what="the container gone")
         report(f"revocation: CC off to vllm stopped in {took:.2f} s")
+        times = boot_bench.revocation(bench_out(app, marks), marks)
+        report("revocation: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items()))
+        journal = app.machine.journal("vllm.service")
+        assert "attestd revoked attestation (gpu-cc-off): " in journal, journal[-3000:]
+        assert "serving container killed and removed" in journal, journal[-3000:]
         assert not app.mounted()
         ls = app.machine.run(["ls", "-A", MODEL], check=False).stdout.strip()
         assert ls == "", ls
@@ -452,6 +520,9 @@ def test_no_model_never_starts_the_engine(
 ) -> None:
     app = appliance
     started = app.machine.journal("vllm.service").count("Started vllm.service")
+    code = "65" if case == "tampered" else "77"
+    exited = f"Main process exited, code=exited, status={code}/"
+    before = app.machine.journal("model-loader.service")
     if case == "tampered":
         use_package(app, app.packages.tampered, vllm_image)
     else:
@@ -460,22 +531,23 @@ def test_no_model_never_starts_the_engine(
         app.machine.systemctl("start", "--no-block", TARGET)
         app.machine.wait_for(
             lambda: (
-                app.machine.unit_property("model-loader.service", "Result") != "success"
-                or app.machine.unit_property("model-loader.service", "ActiveState") == "failed"
+                app.machine.journal("model-loader.service").count(exited) > before.count(exited)
             ),
             240,
-            what="the loader to fail",
+            what=f"the loader to exit with status {code}",
         )
         time.sleep(5)  # past RestartSec=2
         props = app.machine.unit_properties(
             "model-loader.service", "ActiveState", "NRestarts", "ExecMainStatus"
         )
-        journal = app.machine.journal("model-loader.service")
+        journal = app.machine.journal("model-loader.service")[len(before) :]
         if case == "tampered":
             assert props["ActiveState"] == "failed", props
             assert (props["NRestarts"], props["ExecMainStatus"]) == ("0", "65"), props
         else:
-            assert "status=77" in journal, journal[-3000:]
+            assert "release-refused" in journal, journal[-3000:]
+            # the key first, then the tmpfs: a refused release never mounts it
+            assert "tmpfs mounted" not in journal, journal[-3000:]
         assert app.machine.journal("vllm.service").count("Started vllm.service") == started
         assert app.machine.unit_property("vllm.service", "ActiveState") != "active"
         assert not app.container_exists()

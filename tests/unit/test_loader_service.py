@@ -18,9 +18,9 @@ import pytest
 from confinfer.attestd_api import Event, State
 from confinfer.config import Config
 from confinfer.errors import ConfinferError, Interrupted, Reason, ServiceError
+from confinfer.follow import Follower
 from loader import blob, tmpfs
 from loader.service import (
-    Feed,
     Guard,
     Lost,
     Phase,
@@ -426,7 +426,7 @@ def test_feed_reconnects_after_a_broken_stream() -> None:
         ]
     )
     guard = Guard(30.0)
-    feed = Feed(client, guard, backoff=(0.01, 0.02))
+    feed = Follower(client, guard, backoff=(0.01, 0.02))
     feed.start()
     try:
         seen: list[object] = []

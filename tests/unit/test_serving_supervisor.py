@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from confinfer import config, sdnotify
+from confinfer.attestd_api import Event, State
 from confinfer.config import Config
 from confinfer.errors import ConfigError, ConfinferError, Reason
 from serving import supervisor as supervisor_mod
@@ -34,7 +35,7 @@ from serving.container import (
 from serving.engine import create_kwargs
 from serving.handoff import MAX_HANDOFF_BYTES, Handoff, handoff_path, read_handoff
 from serving.health import Probe
-from serving.supervisor import Stop, Supervisor, Timing, Wakeup
+from serving.supervisor import Revocation, Stop, Supervisor, Timing, Wakeup
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -426,6 +427,13 @@ class FakeEngine:
         self.calls.append("stop")
         self.exit(143)
 
+    def kill(self) -> bool:
+        had = "start" in self.calls and not {"stop", "kill"} & set(self.calls)
+        self.calls.append("kill")
+        if had:
+            self.exit(137)
+        return had
+
     def close(self) -> None:
         raise AssertionError("the supervisor does not close the engine it was given")
 
@@ -742,3 +750,60 @@ def test_cleanup_needs_no_handoff_but_the_container_engine(
     )
     assert code == 74
     assert err.startswith("vllm-supervisor: docker-unavailable: ")
+
+
+# --- revocation -------------------------------------------------------------------------------
+
+
+def _event(state: State, reason: Reason = Reason.ATTESTD_HEALTHY) -> Event:
+    return Event(state, reason, f"attestd {state}", time.time(), None)
+
+
+def test_a_revocation_kills_the_engine_at_once_and_stops(
+    model_dir: Path, timeline: Timeline
+) -> None:
+    revocation: Revocation
+
+    def script(n: int, run: Run) -> bool:
+        if n == 3:
+            for state in (State.HEALTHY, State.DEGRADED, State.STARTING):
+                revocation.on_event(_event(state))  # not a revocation: nothing happens
+            assert "kill" not in run.engine.calls and not run.stop
+            revocation.on_event(_event(State.REVOKED, Reason.GPU_CC_OFF))
+            revocation.on_event(_event(State.REVOKED, Reason.GPU_CC_OFF))  # only once
+            revocation.on_lost("attestd went away")  # a lost stream is not a revocation
+        return n >= 2
+
+    run = make(model_dir, timeline, script)
+    revocation = Revocation(run.engine, run.stop)
+    assert run.supervisor.run() == 0  # the container's exit (137) is the expected one
+    # killed from the listener, the main loop's removal finds nothing: never a graceful stop
+    assert run.engine.calls[-3:] == ["forward_logs", "kill", "kill"]
+    assert "stop" not in run.engine.calls
+    assert revocation.event is not None and revocation.event.reason is Reason.GPU_CC_OFF
+    stopping = [v for k, v in timeline.events if k == "notify" and "STOPPING" in v]
+    assert stopping[0]["STATUS"] == (
+        "stopping the engine: attestd revoked attestation (gpu-cc-off)"
+    )
+
+
+def test_a_revocation_before_the_start_starts_nothing(model_dir: Path, timeline: Timeline) -> None:
+    run = make(model_dir, timeline, lambda n, run: False)
+    Revocation(run.engine, run.stop).on_event(_event(State.REVOKED, Reason.MAA_REFUSED))
+    assert run.supervisor.run() == 0
+    assert run.engine.calls == ["kill"]
+
+
+def test_a_kill_that_fails_is_logged_and_the_stop_still_happens(
+    model_dir: Path, timeline: Timeline, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = FakeEngine()
+
+    def broken() -> bool:
+        raise ConfinferError("dockerd is gone", reason=Reason.DOCKER_UNAVAILABLE)
+
+    engine.kill = broken  # type: ignore[method-assign]
+    run = make(model_dir, timeline, lambda n, run: False, engine=engine)
+    Revocation(run.engine, run.stop).on_event(_event(State.REVOKED, Reason.GPU_CC_OFF))
+    assert run.stop.why == "attestd revoked attestation (gpu-cc-off)"
+    assert "could not kill the serving container" in caplog.text
