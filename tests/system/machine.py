@@ -19,6 +19,8 @@ the way shared/TESTBED.md measured it on these hosts:
 - commands run with ``nsenter -t LEADER -a`` and a clean environment (``machinectl`` and
   ``systemctl -M`` do not work with ``--register=no``). They stay in the caller's cgroup, so
   anything meant to outlive the command runs as a unit (``systemd-run``);
+- :meth:`Machine.await_reboot` follows a reboot the machine asks for (nspawn exits 133) and
+  boots it again on the same upper layer: its files stay, its boot id changes;
 - :meth:`Machine.shutdown` sends SIGTERM to nspawn and waits. nspawn is never sent SIGKILL (the
   machine would keep running, reparented); if it does not exit in time, the machine's cgroup
   is killed as a whole (``cgroup.kill``), then its cgroup directories are removed depth-first.
@@ -68,6 +70,7 @@ BOOT_TIMEOUT_S = 90.0
 COMMAND_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 10.0
+NSPAWN_REBOOT = 133  # systemd-nspawn's exit status when the machine asked for a reboot
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 
 
@@ -189,6 +192,8 @@ class Machine:
         self.system_state = ""
         self.failed_units: list[str] = []
         self.stop_s: float | None = None  # how long the first shutdown() took
+        self.reboots = 0
+        self._relaunch: tuple[list[str], dict[str, str]] = ([], {})
         nsenter = shutil.which("nsenter")
         if nsenter is None:
             raise MachineError("nsenter not found (util-linux)")
@@ -244,20 +249,13 @@ class Machine:
         try:
             for cgroup in cgroups:
                 cgroup.mkdir()
-            with (directory / "console.log").open("wb") as console:
-                nspawn = subprocess.Popen(
-                    [*argv, *nspawn_argv],
-                    stdin=subprocess.DEVNULL,
-                    stdout=console,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,  # a ^C to pytest is not a SIGINT to the machine
-                )
+            nspawn = _launch([*argv, *nspawn_argv], env, directory / "console.log")
         except BaseException:
             for cgroup in cgroups:
                 _remove_cgroup(cgroup)
             raise
         machine = cls(name, directory, nspawn, cgroups)
+        machine._relaunch = ([*argv, *nspawn_argv], env)
         try:
             machine._wait_booted(started + timeout)
         except BaseException:
@@ -265,6 +263,30 @@ class Machine:
             raise
         machine.boot_s = time.monotonic() - started
         return machine
+
+    def await_reboot(self, timeout: float = BOOT_TIMEOUT_S) -> float:
+        """The machine rebooted itself (``systemctl reboot`` inside: nspawn exits with 133):
+        wait for that, then boot it again on the same upper layer, so what it wrote stays and
+        the boot id is new. Returns the seconds until it was up again."""
+        started = time.monotonic()
+        try:
+            code = self._nspawn.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise MachineError(
+                f"{self.name} did not reboot within {timeout:g} s\n{_tail(self.console)}"
+            ) from None
+        if code != NSPAWN_REBOOT:
+            raise MachineError(
+                f"systemd-nspawn exited {code}, not {NSPAWN_REBOOT} (a reboot)\n"
+                + _tail(self.console)
+            )
+        self._kill_cgroup_if_populated()
+        argv, env = self._relaunch
+        self._nspawn = _launch(argv, env, self.console)
+        self.leader = 0
+        self.reboots += 1
+        self._wait_booted(time.monotonic() + BOOT_TIMEOUT_S)
+        return time.monotonic() - started
 
     def _wait_booted(self, deadline: float) -> None:
         def leader() -> int:
@@ -502,6 +524,18 @@ class Machine:
         except MachineError as exc:
             raise MachineError(f"{exc}; values seen: {sorted(set(seen))}") from None
         return seen[-1]
+
+
+def _launch(argv: list[str], env: dict[str, str], console: Path) -> subprocess.Popen[bytes]:
+    with console.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a ^C to pytest is not a SIGINT to the machine
+        )
 
 
 def _seed(upper: Path, path: str, content: str | bytes | None) -> None:

@@ -122,6 +122,21 @@ def test_a_second_machine_runs_alongside_and_a_kill_leaves_nothing(
     assert machine.running and machine.run(["true"]).returncode == 0
 
 
+def test_a_reboot_inside_comes_back_with_its_files_and_a_new_boot(
+    rootfs: Path, tmp_path: Path
+) -> None:
+    with Machine.boot("reboot", rootfs, tmp_path=tmp_path) as machine:
+        first = machine.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout
+        machine.write_file("/var/lib/kept", "written before the reboot\n")
+        machine.run(["systemctl", "reboot", "--no-block"])
+        machine.await_reboot(60)
+        assert machine.reboots == 1
+        assert machine.run(["cat", "/proc/sys/kernel/random/boot_id"]).stdout != first
+        assert machine.run(["cat", "/var/lib/kept"]).stdout == "written before the reboot\n"
+        assert "reboot" not in machine.failed_units
+    assert machine.leftovers() == []
+
+
 def test_wait_for_is_bounded() -> None:
     calls: list[int] = []
     with pytest.raises(MachineError, match=r"timed out after 0\.3 s waiting for nothing"):
