@@ -60,10 +60,10 @@ import selectors
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from attestd.state import GpuCollateralUnreachable, GpuEvidenceFailed, GpuEvidencePassed
 from confinfer.config import Config
@@ -751,15 +751,53 @@ class NvattestBackend:
     def attest(self, nonce: str | None = None) -> GpuEvidenceResult:
         """Run nvattest once with a fresh nonce (blocking, at most the deadline plus a few
         seconds to reap it) and decide."""
-        nonce = (nonce or fresh_nonce()).lower()
-        started = time.time()
-        output = run_process(
-            build_argv(self.options, nonce),
-            env=build_env(self.options),
-            timeout_s=self.options.timeout_s,
-            max_stdout_bytes=self.options.max_stdout_bytes,
+        return attest_once(
+            self.options, nonce, argv=build_argv, env=build_env, decide=decide, missing=None
         )
-        return decide(output, nonce, self.options, now=time.time(), started_at=started)
+
+
+class RunLimits(Protocol):
+    """What :func:`attest_once` needs of a backend's options."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def max_stdout_bytes(self) -> int: ...
+
+
+Opts = TypeVar("Opts", bound=RunLimits)
+
+
+def attest_once(
+    options: Opts,
+    nonce: str | None,
+    *,
+    argv: Callable[[Opts, str], Sequence[str]],
+    env: Callable[[Opts], Mapping[str, str]],
+    decide: Callable[..., GpuEvidenceResult],
+    missing: Callable[[Opts], str | None] | None,
+) -> GpuEvidenceResult:
+    r"""One verifier run with a fresh nonce, the same for every backend: refused at once when
+    ``missing`` names something absent, else run under :func:`run_process` (blocking, at most
+    the deadline plus a few seconds to reap it) and ``decide``\ d."""
+    nonce = (nonce or fresh_nonce()).lower()
+    started = time.time()
+    why = missing(options) if missing is not None else None
+    if why is not None:
+        return GpuEvidenceResult(
+            GpuEvidenceFailed(Reason.GPU_VERIFIER_FAILED, printable(why, 300)),
+            nonce=nonce,
+            started_at=started,
+            duration_s=0.0,
+        )
+    output = run_process(
+        argv(options, nonce),
+        env=env(options),
+        timeout_s=options.timeout_s,
+        max_stdout_bytes=options.max_stdout_bytes,
+    )
+    return decide(output, nonce, options, now=time.time(), started_at=started)
 
 
 __all__ = [
@@ -767,6 +805,7 @@ __all__ = [
     "NvattestBackend",
     "NvattestOptions",
     "RunOutput",
+    "attest_once",
     "build_argv",
     "check_claims",
     "check_eat",

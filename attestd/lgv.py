@@ -42,7 +42,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +55,11 @@ from attestd.gpuevidence import (
     RunOutput,
     _no_duplicates,
     _reject_constant,
-    fresh_nonce,
+    attest_once,
     jwt_payload,
     outcome,
-    run_process,
 )
-from attestd.state import GpuCollateralUnreachable, GpuEvidenceFailed, GpuEvidencePassed
+from attestd.state import GpuCollateralUnreachable, GpuEvidencePassed
 from confinfer.config import Config
 from confinfer.errors import ConfigError, Reason, printable
 
@@ -577,23 +575,9 @@ class LgvBackend:
     def attest(self, nonce: str | None = None) -> GpuEvidenceResult:
         """Run the LGV once with a fresh nonce (blocking, at most the deadline plus a few
         seconds to reap it) and decide."""
-        nonce = (nonce or fresh_nonce()).lower()
-        started = time.time()
-        why = missing(self.options)
-        if why is not None:
-            return GpuEvidenceResult(
-                GpuEvidenceFailed(Reason.GPU_VERIFIER_FAILED, printable(why, 300)),
-                nonce=nonce,
-                started_at=started,
-                duration_s=0.0,
-            )
-        output = run_process(
-            build_argv(self.options, nonce),
-            env=build_env(self.options),
-            timeout_s=self.options.timeout_s,
-            max_stdout_bytes=self.options.max_stdout_bytes,
+        return attest_once(
+            self.options, nonce, argv=build_argv, env=build_env, decide=decide, missing=missing
         )
-        return decide(output, nonce, self.options, now=time.time(), started_at=started)
 
 
 __all__ = [

@@ -61,11 +61,14 @@ resource lb 'Microsoft.Network/loadBalancers@2023-09-01' = {
     ]
     probes: [
       {
-        // Caddy answers 503 while an instance does not serve: the probe takes it out.
-        name: 'https'
+        // Caddy's GET /readyz on port 80 is 200 only while the engine's /health is: an instance
+        // that does not serve (starting, or stopped by a revocation) leaves the rotation. A TCP
+        // probe could not tell: Caddy keeps listening, to answer 503 with attestd's reason.
+        name: 'ready'
         properties: {
-          protocol: 'Tcp'
-          port: 443
+          protocol: 'Http'
+          port: 80
+          requestPath: '/readyz'
           intervalInSeconds: 5
           numberOfProbes: 2
         }
@@ -84,7 +87,7 @@ resource lb 'Microsoft.Network/loadBalancers@2023-09-01' = {
           id: resourceId('Microsoft.Network/loadBalancers/backendAddressPools', lbName, 'serving')
         }
         probe: {
-          id: resourceId('Microsoft.Network/loadBalancers/probes', lbName, 'https')
+          id: resourceId('Microsoft.Network/loadBalancers/probes', lbName, 'ready')
         }
       }
     }]

@@ -543,6 +543,34 @@ def test_plain_http_redirects_to_https(caddy: Caddy) -> None:
         conn.close()
 
 
+def _plain(port: int, path: str, host: str) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def test_readyz_follows_the_engines_health_for_the_load_balancer(
+    both_up: StandIns, caddy: Caddy
+) -> None:
+    # The probe comes from the load balancer, addressed to the instance's IP.
+    status, headers, body = _plain(caddy.http_port, "/readyz", "10.0.0.4")
+    assert (status, json.loads(body)) == (200, {"ready": True}), body
+    assert headers["content-type"].startswith("application/json")
+    assert "server" not in headers
+    assert both_up.engine_seen.requests[-1] == ("/health", "", None)
+    both_up.stop("engine")
+    status, _, body = _plain(caddy.http_port, "/readyz", "10.0.0.4")
+    assert (status, json.loads(body)) == (503, {"ready": False}), body
+    # anything else on that host is sent to the API's name, never served in plain HTTP
+    status, headers, _ = _plain(caddy.http_port, "/v1/models", "10.0.0.4")
+    assert status == 308
+    assert headers["location"] == f"https://localhost:{caddy.https_port}/v1/models"
+
+
 def test_the_key_is_not_on_the_command_line(caddy: Caddy) -> None:
     pid = caddy.proc.pid
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()

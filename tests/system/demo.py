@@ -111,7 +111,7 @@ def run(work: Path) -> None:
             app = install(machine, REPO, testbed, packages, image, host)
             serve_and_revoke(app)
         finally:
-            machine.systemctl("stop", TARGET, check=False, timeout=120)
+            machine.systemctl("stop", TARGET, *UNITS, check=False, timeout=120)
             machine.shutdown()
             say(f"\n  machine {machine.name} shut down")
     finally:

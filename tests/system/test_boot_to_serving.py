@@ -91,7 +91,7 @@ def appliance(
     machine = machine_factory("serving", binds=host)
     report(f"vllm image {boot_docker(machine, vllm_image, data_root)}")
     yield install(machine, repo, testbed, packages, vllm_image, host)
-    machine.systemctl("stop", TARGET, check=False, timeout=120)
+    machine.systemctl("stop", TARGET, *UNITS, check=False, timeout=120)
     testbed.cli("fault", "--clear", check=False)
     testbed.cli("gpu", "cc-on", check=False)
 
@@ -196,7 +196,7 @@ def test_cc_off_wipes_stops_the_engine_and_caddy_says_why(
         assert "model-loader: gpu-cc-off: attestd revoked attestation" in journal, journal[-3000:]
     finally:
         app.testbed.cli("gpu", "cc-on")
-        app.machine.systemctl("stop", TARGET, timeout=120)
+        app.machine.systemctl("stop", TARGET, *UNITS, timeout=120)
         app.machine.systemctl("reset-failed", check=False)
 
 
@@ -289,5 +289,5 @@ def test_no_model_never_starts_the_engine(
     finally:
         app.testbed.cli("fault", "--clear")
         use_package(app, app.packages.sealed, vllm_image)
-        app.machine.systemctl("stop", TARGET, timeout=120)
+        app.machine.systemctl("stop", TARGET, *UNITS, timeout=120)
         app.machine.systemctl("reset-failed", check=False)

@@ -188,6 +188,8 @@ VLLM_STUB = (
     + NOTIFY
     + r"""
 import http.server, json, signal, sys
+if sys.argv[1:] == ["--cleanup"]:  # ExecStopPost=: the real one removes a leftover container
+    sys.exit(0)
 with open("/run/confinfer/model.json") as f:
     model = json.load(f)["model_path"]
 with open(model + "/weights") as f:
@@ -309,7 +311,7 @@ def serving(machine: Machine, ports: dict[str, Any]) -> Iterator[Machine]:
     except Exception as exc:
         raise AssertionError(f"{exc}\n{status(machine)}") from None
     yield machine
-    machine.systemctl("stop", TARGET, timeout=START_TIMEOUT_S)
+    machine.systemctl("stop", TARGET, *UNITS, timeout=START_TIMEOUT_S)
 
 
 def https(ports: dict[str, Any], machine: Machine, path: str, key: str | None) -> tuple[int, Any]:
@@ -517,7 +519,9 @@ def test_a_killed_loader_leaves_no_plaintext(serving: Machine, ports: dict[str, 
 def test_a_loader_that_cannot_load_never_starts_vllm(
     machine: Machine, ports: dict[str, Any], code: int, restarts: bool
 ) -> None:
-    machine.systemctl("stop", TARGET, timeout=START_TIMEOUT_S)
+    # The units too: `systemctl stop` waits only for the jobs it was asked for, and a start
+    # queued while PartOf='s stop jobs still run would cancel them (the loader kept running).
+    machine.systemctl("stop", TARGET, *UNITS, timeout=START_TIMEOUT_S)
     machine.systemctl("reset-failed", check=False)
     machine.write_file("/run/stub/loader-fail", str(code))
     set_attestd(machine, HEALTHY)
@@ -544,5 +548,5 @@ def test_a_loader_that_cannot_load_never_starts_vllm(
         wait_answer(ports, machine, "/v1/models", ports["key"], (503, "attestd-healthy"))
     finally:
         machine.run(["rm", "-f", "/run/stub/loader-fail"])
-        machine.systemctl("stop", TARGET, timeout=START_TIMEOUT_S)
+        machine.systemctl("stop", TARGET, *UNITS, timeout=START_TIMEOUT_S)
         machine.systemctl("reset-failed", check=False)

@@ -162,6 +162,15 @@ def test_the_nsg_admits_https_and_acme_and_denies_the_engine_port() -> None:
     assert ssh_rule["sourceAddressPrefix"] == "sshSourceRange"  # never "*" or Internet
 
 
+def test_the_scale_sets_probe_asks_for_readiness_not_a_listening_port() -> None:
+    lb = config("modules/cvmss.bicep", "lb")["properties"]
+    (probe,) = lb["probes"]
+    assert probe["properties"]["protocol"] == "Http"  # a TCP probe cannot see Caddy's 503
+    assert (probe["properties"]["port"], probe["properties"]["requestPath"]) == (80, "/readyz")
+    rule = lb["loadBalancingRules"]["config"]["properties"]
+    assert rule["probe"]["id"]["function"]["parameters"]["resource_name_2"] == probe["name"]
+
+
 def test_the_release_role_is_scoped_to_the_key_and_the_reader_to_the_container() -> None:
     release = config("modules/roles.bicep", "release")
     assert release["scope"] == "kek"
