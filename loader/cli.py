@@ -72,7 +72,25 @@ def register_seal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N",
         help="plaintext bytes per chunk (default 4MiB, at most 8MiB)",
     )
+    p.add_argument("--output-dir", action=_Renamed, nargs="?", help=argparse.SUPPRESS)
     p.set_defaults(func=seal_command)
+
+
+class _Renamed(argparse.Action):
+    """The tutorial's ``--output-dir``: refused at once, with the flag that replaces it (before
+    argparse would only say that ``--out`` is missing)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(
+            f"{option_string} is the tutorial's flag; confinfer seal takes --out PKG_DIR (a new "
+            "or empty directory: an existing package is never replaced)"
+        )
 
 
 def register_unseal(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

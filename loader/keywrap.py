@@ -178,8 +178,17 @@ class PemWrapper:
             else:
                 key = serialization.load_pem_public_key(data)
         except ValueError:
+            private = b"PRIVATE KEY-----" in data
             raise UsageError(
-                f"{path}: not a PEM public key or certificate", reason=Reason.KEY_FILE
+                f"{path}: not a PEM public key or certificate"
+                + (" (it holds a private key)" if private else ""),
+                reason=Reason.KEY_FILE,
+                hint=(
+                    "give the public half: openssl pkey -in KEY.pem -pubout -out KEK.pub.pem; "
+                    "the private key never needs to leave its owner"
+                )
+                if private
+                else None,
             ) from None
         if not isinstance(key, rsa.RSAPublicKey):
             raise _not_rsa(path)

@@ -316,3 +316,25 @@ def test_key_vault_refusals_are_one_line(tmp_path: Path, testbed: RunningTestbed
         "config-invalid",
     )
     assert not (tmp_path / "pkg").exists()
+
+
+def test_the_tutorials_habits_get_a_pointer_not_a_puzzle(
+    tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    model = make_model(tmp_path / "model", big=1000)
+    renamed = run_confinfer(
+        "seal", model, "--output-dir", tmp_path / "o", "--kek-public-key", keys["public"]
+    )
+    assert renamed.returncode == 64, renamed.stderr
+    assert "--output-dir is the tutorial's flag; confinfer seal takes --out PKG_DIR" in (
+        renamed.stderr
+    )
+    assert not (tmp_path / "o").exists()
+    private = run_confinfer(
+        "seal", model, "--out", tmp_path / "p", "--kek-public-key", keys["private"]
+    )
+    assert private.returncode == 64, private.stderr
+    first, hint = private.stderr.strip().splitlines()
+    assert first.endswith("not a PEM public key or certificate (it holds a private key)")
+    assert hint.startswith("hint: give the public half: openssl pkey -in KEY.pem -pubout")
+    assert not (tmp_path / "p").exists()
