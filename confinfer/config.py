@@ -44,6 +44,7 @@ from confinfer.configvalues import (
     parse_list,
     parse_path,
     parse_seconds,
+    parse_sha256,
     parse_str,
     refused,
     show,
@@ -55,6 +56,8 @@ ENV_PREFIX = "CONFINFER_"
 
 SKR_ALGORITHMS = ("RSA_AES_KEY_WRAP_256", "CKM_RSA_AES_KEY_WRAP", "RSA_AES_KEY_WRAP_384")
 AZURE_CREDENTIALS = ("auto", "managed-identity", "cli", "default")
+# onboard_hardware: the Azure VM itself, or the testbed's stand-ins (testbed/onboard.py).
+ONBOARD_HARDWARE = ("azure", "testbed")
 
 MAX_FILE_BYTES = 1 * MiB  # a configuration file larger than this is refused unread
 
@@ -119,6 +122,9 @@ class Config:
     serving_ready_timeout_s: float = 900.0
     serving_gpus: bool = True
     docker_host: str = "unix:///var/run/docker.sock"
+    onboard_hardware: str = "azure"
+    onboard_nvattest_url: str | None = None
+    onboard_nvattest_sha256: str | None = None
     # Where each value came from: a file path, "$CONFINFER_<KEY>" or "--<flag>".
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -502,6 +508,24 @@ SETTINGS: tuple[Setting[Any], ...] = (
         parse=parse_str,
         default="unix:///var/run/docker.sock",
         doc="The container engine's API socket.",
+    ),
+    Setting(
+        "onboard_hardware",
+        parse=parse_choice(*ONBOARD_HARDWARE),
+        default="azure",
+        doc="What onboarding's stages act on: azure (the VM) or testbed (the stand-ins).",
+    ),
+    Setting(
+        "onboard_nvattest_url",
+        parse=optional(parse_https_url),
+        default=None,
+        doc="The nvattest .deb that onboarding installs (https); needed on Azure.",
+    ),
+    Setting(
+        "onboard_nvattest_sha256",
+        parse=optional(parse_sha256),
+        default=None,
+        doc="SHA-256 of that .deb; onboarding installs it only if the digest matches.",
     ),
 )
 

@@ -233,6 +233,18 @@ def parse_http_url(raw: object) -> str:
     return _url(raw, ("http", "https"), "expected an http(s):// URL")[0]
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_sha256(raw: object) -> str:
+    """A SHA-256 digest: 64 hexadecimal digits (upper case is read as lower case)."""
+    expected = "expected a SHA-256 digest (64 hexadecimal digits)"
+    text = _text(raw, expected).lower()
+    if not _SHA256.match(text):
+        raise Invalid(expected)
+    return text
+
+
 _KEY_PATH = re.compile(r"^/keys/[0-9A-Za-z-]{1,127}(?:/[0-9A-Za-z]{1,64})?/?$")
 
 

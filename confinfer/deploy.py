@@ -21,6 +21,16 @@ resource group. ``--dry-run`` prints every command it would run, exactly, and ru
     [appliance]                         # /etc/confinfer/confinfer.toml on the VM (§1.2 keys)
     model_source = "https://<account>.blob.core.windows.net/models/<model>"
 
+    [bootstrap]                         # a stock image: install the appliance, then onboard
+    wheelhouse_url = "https://<account>.blob.core.windows.net/releases/wheelhouse.tar.gz"
+    wheelhouse_sha256 = "<64 hex digits: cloud-init/build-wheelhouse prints it>"
+
+With ``[bootstrap]`` the user data (cloud-init/user-data.yaml.tmpl) installs the packages, the
+appliance from the wheelhouse (refused unless its SHA-256 is the pinned one) and its units, and
+starts onboarding; without it (cloud-init/user-data-configured.yaml.tmpl) the image is taken to
+hold the appliance already and only the configuration is written. :func:`render` fills the
+templates, stdlib only, every value quoted by the renderer itself.
+
 Everything ``az`` prints is hostile until parsed: JSON read strictly, text escaped.
 """
 
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -43,6 +54,8 @@ from confinfer import config
 from confinfer.errors import ConfigError, ConfinferError, Reason, ServiceError, printable
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "bicep-wrapper" / "main.bicep"
+CLOUD_INIT = Path(__file__).resolve().parent.parent / "cloud-init"
+BOOTSTRAP_PATH = "/usr/local/sbin/confinfer-bootstrap"  # where the user data puts bootstrap.sh
 CUSTOM_DATA_LIMIT = 65_535  # bytes before base64 (Azure's customData limit)
 AZ_TIMEOUT_S = 3600.0  # a deployment of a GPU VM takes minutes
 PARAMETERS_SCHEMA = (
@@ -69,6 +82,10 @@ _AZURE_KEYS: dict[str, type | tuple[type, ...]] = {
 # The VM's configuration keys that deploy writes from [azure], never from [appliance].
 _FROM_AZURE = {"maa_url": "maa_authority", "key_id": "vault_name and key_name"}
 _REQUIRED = ("resource_group", "location", "name_prefix", "vault_name", "ssh_public_key")
+_BOOTSTRAP_KEYS = ("wheelhouse_url", "wheelhouse_sha256")
+# RFC 3986's characters and no others: no space, quote, backslash, backquote or control
+# character reaches the user data or the bootstrap's command line.
+_URL_CHARS = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+")
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,7 @@ class Plan:
     path: Path
     azure: Mapping[str, Any]
     appliance: Mapping[str, Any]
+    bootstrap: Mapping[str, str] = field(default_factory=dict)
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.azure.get(key, default)
@@ -108,13 +126,16 @@ def load_plan(path: Path) -> Plan:
         raise _bad(path, f"cannot read: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise _bad(path, f"cannot parse: {exc}") from None
-    unknown = sorted(set(data) - {"azure", "appliance"})
+    unknown = sorted(set(data) - {"azure", "appliance", "bootstrap"})
     if unknown:
-        raise _bad(path, f"unknown table [{unknown[0]}]; expected [azure] and [appliance]")
+        raise _bad(
+            path, f"unknown table [{unknown[0]}]; expected [azure], [appliance] and [bootstrap]"
+        )
     azure = data.get("azure", {})
     appliance = data.get("appliance", {})
-    if not isinstance(azure, dict) or not isinstance(appliance, dict):
-        raise _bad(path, "[azure] and [appliance] must be tables")
+    bootstrap = data.get("bootstrap", {})
+    if not all(isinstance(table, dict) for table in (azure, appliance, bootstrap)):
+        raise _bad(path, "[azure], [appliance] and [bootstrap] must be tables")
     for key, value in azure.items():
         want = _AZURE_KEYS.get(key)
         if want is None:
@@ -136,7 +157,34 @@ def load_plan(path: Path) -> Plan:
                 f"[appliance] {key} comes from [azure] ({_FROM_AZURE[key]}): the KEK's release "
                 "policy names that authority and key, so the VM must use the same",
             )
-    return Plan(path, azure, appliance)
+    return Plan(path, azure, appliance, _bootstrap(path, bootstrap))
+
+
+def _bootstrap(path: Path, table: Mapping[str, Any]) -> dict[str, str]:
+    """[bootstrap]: where the wheelhouse is and its SHA-256, both checked character by
+    character."""
+    if not table:
+        return {}
+    for key, value in table.items():
+        if key not in _BOOTSTRAP_KEYS:
+            raise _bad(path, f"[bootstrap] unknown key {key!r}")
+        if not isinstance(value, str):
+            raise _bad(path, f"[bootstrap] {key}: wrong type")
+    missing = [k for k in _BOOTSTRAP_KEYS if k not in table]
+    if missing:
+        raise _bad(path, f"[bootstrap] needs {', '.join(missing)}")
+    url, digest = table["wheelhouse_url"], table["wheelhouse_sha256"]
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise _bad(path, "[bootstrap] wheelhouse_sha256 must be 64 lower-case hexadecimal digits")
+    if len(url) > 4096 or not _URL_CHARS.fullmatch(url):
+        raise _bad(path, "[bootstrap] wheelhouse_url holds a character a URL cannot")
+    if not re.match(r"https://[^/?#@]+/|file:///|/", url) or "/../" in url + "/":
+        raise _bad(
+            path,
+            "[bootstrap] wheelhouse_url must be an https:// URL with a host, a file:// URL or an "
+            "absolute path on the VM",
+        )
+    return {"wheelhouse_url": url, "wheelhouse_sha256": digest}
 
 
 # --- the user data -------------------------------------------------------------------------
@@ -148,10 +196,26 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string: JSON's escapes are TOML's
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string of printable ASCII, anything else as a \\u or \\U escape (JSON's
+    surrogate pairs are not TOML): the configuration is one ASCII line per key."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif 0x20 <= ord(ch) < 0x7F:
+            out.append(ch)
+        elif ord(ch) < 0x10000:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(f"\\U{ord(ch):08x}")
+    return '"' + "".join(out) + '"'
 
 
 def appliance_config(plan: Plan) -> str:
@@ -176,20 +240,72 @@ def appliance_config(plan: Plan) -> str:
     return "# written by `confinfer deploy`\n" + text
 
 
+_PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@$")
+BLOCKS = frozenset({"CONFIG", "BOOTSTRAP"})  # the lines of a literal block (`content: |`)
+
+
+def render(template: str, values: Mapping[str, str]) -> str:
+    """Fill ``template``: ``##`` lines are dropped; a line ending in ``@NAME@`` gets the value.
+
+    A block value (:data:`BLOCKS`) must be printable ASCII and its first line must start with
+    text (neither a space nor nothing): each of its lines is indented like the placeholder, so
+    none can end the block or change its indentation. Any other value must be one printable
+    ASCII line (the callers give JSON). Every placeholder is filled once and every value used,
+    else ValueError (a bug in the caller, never an input error).
+    """
+    out: list[str] = []
+    used: set[str] = set()
+    for line in template.splitlines():
+        if line.startswith("##"):
+            continue
+        match = _PLACEHOLDER.search(line)
+        if match is None:
+            if re.search(r"@[A-Z_]+@", line):
+                raise ValueError(f"a placeholder must end its line: {line!r}")
+            out.append(line)
+            continue
+        name, prefix = match.group(1), line[: match.start()]
+        if name not in values or name in used:
+            raise ValueError(f"placeholder @{name}@ has no value, or appears twice")
+        used.add(name)
+        lines = values[name].splitlines() or [""]
+        if name in BLOCKS:
+            if prefix.strip() or not lines[0][:1].strip():
+                raise ValueError(f"@{name}@ must stand alone, and its value start with text")
+            for text in lines:
+                if not all(0x20 <= ord(ch) <= 0x7E for ch in text):
+                    raise ValueError(f"@{name}@: only printable ASCII goes in a block")
+                out.append(prefix + text if text else "")
+        else:
+            if len(lines) != 1 or not lines[0].isascii() or not lines[0].isprintable():
+                raise ValueError(f"@{name}@ must be one printable ASCII line")
+            out.append(prefix + lines[0])
+    if used != set(values):
+        raise ValueError(f"unused values: {sorted(set(values) - used)}")
+    return "\n".join(out) + "\n"
+
+
 def user_data(plan: Plan) -> str:
-    """The VM's cloud-init user data: the appliance configuration."""
-    config_text = appliance_config(plan)
-    indented = "".join(f"      {line}\n" for line in config_text.splitlines())
-    return (
-        "#cloud-config\n"
-        "# confinfer: rendered by `confinfer deploy` from "
-        f"{json.dumps(plan.path.name)}\n"
-        "write_files:\n"
-        "  - path: /etc/confinfer/confinfer.toml\n"
-        "    permissions: '0644'\n"
-        "    content: |\n"
-        f"{indented}"
-    )
+    """The VM's cloud-init user data: the appliance configuration, and with [bootstrap] the
+    packages, the appliance installed from its pinned wheelhouse, and onboarding started."""
+    values = {
+        "SOURCE": json.dumps(plan.path.name),
+        "CONFIG": appliance_config(plan),
+    }
+    if not plan.bootstrap:
+        template = CLOUD_INIT / "user-data-configured.yaml.tmpl"
+    else:
+        template = CLOUD_INIT / "user-data.yaml.tmpl"
+        values["BOOTSTRAP"] = (CLOUD_INIT / "bootstrap.sh").read_text(encoding="utf-8")
+        argv = [
+            BOOTSTRAP_PATH,
+            "--wheelhouse",
+            plan.bootstrap["wheelhouse_url"],
+            "--sha256",
+            plan.bootstrap["wheelhouse_sha256"],
+        ]
+        values["BOOTSTRAP_ARGV"] = json.dumps(argv)
+    return render(template.read_text(encoding="utf-8"), values)
 
 
 def parameters(plan: Plan, data: str) -> dict[str, Any]:

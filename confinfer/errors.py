@@ -89,6 +89,8 @@ class Reason(enum.StrEnum):
     WRAPPED_DEK_INVALID = "wrapped-dek-invalid"
     BLOB_NAME_UNSAFE = "blob-name-unsafe"
     HANDOFF_INVALID = "handoff-invalid"
+    ONBOARD_DOWNLOAD_MISMATCH = "onboard-download-mismatch"
+    ONBOARD_SIGNING_KEY_MISMATCH = "onboard-signing-key-mismatch"
     # a remote service is unavailable
     SERVICE = "service"
     ATTESTD_BAD_RESPONSE = "attestd-bad-response"
@@ -107,6 +109,7 @@ class Reason(enum.StrEnum):
     EVIDENCE_RATE_LIMITED = "evidence-rate-limited"
     EVIDENCE_UNAVAILABLE = "evidence-unavailable"
     BLOB_UNAVAILABLE = "blob-unavailable"
+    ONBOARD_DOWNLOAD_FAILED = "onboard-download-failed"
     # a bug
     KEK_CLOSED = "kek-closed"
     # the vTPM, the file system, local resources
@@ -137,6 +140,14 @@ class Reason(enum.StrEnum):
     ATTESTD_SOCKET = "attestd-socket"
     MODEL_DIR_BUSY = "model-dir-busy"
     MODEL_MOUNT = "model-mount"
+    # onboarding (confinfer onboard) and the unit installer (confinfer install-units)
+    ONBOARD_COMMAND_FAILED = "onboard-command-failed"
+    ONBOARD_EFFECT_MISSING = "onboard-effect-missing"
+    ONBOARD_ATTEMPTS_EXHAUSTED = "onboard-attempts-exhausted"
+    ONBOARD_STATE_INVALID = "onboard-state-invalid"
+    ONBOARD_REBOOT_TIMEOUT = "onboard-reboot-timeout"
+    INSTALL_SOURCE_MISSING = "install-source-missing"
+    INSTALL_WRITE_FAILED = "install-write-failed"
     # the serving engine (vllm-supervisor)
     HANDOFF_MISSING = "handoff-missing"
     DOCKER_UNAVAILABLE = "docker-unavailable"
@@ -199,6 +210,7 @@ class Reason(enum.StrEnum):
     SKR_TOOL_MISSING = "skr-tool-missing"
     MODEL_SOURCE_INVALID = "model-source-invalid"
     SERVING_IMAGE_MISSING = "serving-image-missing"
+    ONBOARD_PIN_MISSING = "onboard-pin-missing"
     # signals
     INTERRUPTED = "interrupted"
     # attestd states short of revoked: starting, healthy, degraded inside a grace. A client that

@@ -1,9 +1,12 @@
-"""``confinfer status``: attestd's state, read from its socket, for a person or a script.
+"""``confinfer status``: attestd's state, read from its socket, for a person or a script, and
+onboarding's stages, read from its state file (/var/lib/confinfer/onboard.json) when there is one.
 
 The exit status follows ``cloud-init status``: 0 healthy, 2 starting or degraded (it may still
 come right), 1 revoked, or attestd unreachable or not answering as attestd does. In the last
 case the failure is the usual one line on stderr with its reason (``attestd-unavailable``,
-``attestd-bad-response``), only with exit status 1.
+``attestd-bad-response``), only with exit status 1. While onboarding is not done, attestd is not
+running yet: then the stages are shown, and the exit status is 2 (in progress) or 1 (a stage
+failed), whatever attestd answers.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+from confinfer import onboard_state
 from confinfer.attestd_api import Client, Health, State
 from confinfer.errors import ConfinferError, ServiceError, printable
 
@@ -62,7 +67,17 @@ def register_status(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         default="table",
         help="table for people (default), or the health JSON as attestd serves it",
     )
+    parser.add_argument(
+        "--onboard-state",
+        type=Path,
+        metavar="FILE",
+        default=onboard_state.STATE_DIR / onboard_state.STATE_NAME,
+        help="onboarding's state file (default: %(default)s); shown when it exists",
+    )
     parser.set_defaults(func=run)
+
+
+_ONBOARDING_EXIT = {"done": EXIT_HEALTHY, "in-progress": EXIT_TRANSIENT, "failed": EXIT_FAILED}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,17 +88,39 @@ def run(args: argparse.Namespace) -> int:
         from confinfer import config
 
         socket_path = config.load().attestd_socket
+    onboarding = onboard_state.StateFile(args.onboard_state).load()
+    progress = None if onboarding is None else onboarding.progress()
     try:
         health = Client(socket_path).health()
     except ServiceError as exc:
-        raise StatusUnavailable(
-            exc.message, reason=exc.reason, details=exc.details, hint=exc.hint
-        ) from exc
+        if onboarding is None or progress is None or progress.state == "done":
+            raise StatusUnavailable(
+                exc.message, reason=exc.reason, details=exc.details, hint=exc.hint
+            ) from exc
+        # Onboarding first: attestd does not run before it is done.
+        if args.format == "json":
+            obj: dict[str, Any] = {
+                "onboarding": onboard_state.progress_obj(onboarding),
+                "attestd": {"reason": exc.reason.value, "line": printable(exc.message, 1000)},
+            }
+            json.dump(obj, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write(onboarding_table(onboarding, time.time()))
+            sys.stdout.write(f"attestd:    {exc.reason}: {printable(exc.message, 1000)}\n")
+        return _ONBOARDING_EXIT[progress.state]
     if args.format == "json":
-        json.dump(health.to_obj(), sys.stdout, indent=2)
+        obj = health.to_obj()
+        if onboarding is not None:
+            obj["onboarding"] = onboard_state.progress_obj(onboarding)
+        json.dump(obj, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(table(health, time.time()))
+        if onboarding is not None:
+            sys.stdout.write(onboarding_table(onboarding, time.time()))
+    if progress is not None and progress.state != "done":
+        return _ONBOARDING_EXIT[progress.state]
     return _EXIT[health.state]
 
 
@@ -155,4 +192,28 @@ def table(health: Health, now: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["EXIT_FAILED", "EXIT_HEALTHY", "EXIT_TRANSIENT", "register_status", "run", "table"]
+def onboarding_table(state: onboard_state.State, now: float) -> str:
+    """Onboarding's stages, one line each: status, since when, attempts or the failure."""
+    progress = state.progress()
+    lines = [f"onboarding: {progress.line.removeprefix('onboarding ')}"]
+    stages = zip(onboard_state.STAGES, state.records, strict=True)
+    for index, (stage, record) in enumerate(stages, 1):
+        when = "" if record.since is None else _when(record.since, now, "")
+        row = f"  {index} {stage.name:<17} {record.status.value:<9} {when}"
+        if record.status in (onboard_state.Status.APPLYING, onboard_state.Status.REBOOTING):
+            row += f"  attempt {record.attempts} of {onboard_state.MAX_ATTEMPTS}"
+        elif record.status is onboard_state.Status.FAILED:
+            row += f"  {record.reason}: {printable(record.error or '', 500)}"
+        lines.append(row.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_HEALTHY",
+    "EXIT_TRANSIENT",
+    "onboarding_table",
+    "register_status",
+    "run",
+    "table",
+]

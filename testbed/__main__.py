@@ -14,6 +14,10 @@
                 replaces the vTPM's AK certificate by one that expires in N days
   kek --name N  creates an exportable RSA-HSM key under the canonical CVM release policy and
                 prints its kid
+  onboard [--boot-id-file F] check|apply STAGE | reboot --state-file S | nvidia-smi ARGS |
+          set KEY=VALUE... | log
+                the hardware side of `confinfer onboard` with onboard_hardware = "testbed":
+                simulated stages, strictly, every invocation logged (testbed/onboard.py)
 
 An expected failure prints one line, ``testbed: <reason>: <message>``, and exits non-zero; a
 failed ``up`` first stops whatever it had started.
@@ -588,6 +592,16 @@ def cmd_kek(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_onboard(args: argparse.Namespace) -> int:
+    from testbed import onboard
+
+    try:
+        return onboard.main(args.dir, list(args.words), args.boot_id_file)
+    except onboard.StandInError as exc:
+        print(f"testbed: {exc.reason}: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="python -m testbed", description="Local stand-ins for Azure's side of the wire."
@@ -655,6 +669,14 @@ def parser() -> argparse.ArgumentParser:
     )
     p = command("kek", cmd_kek, "create a release-policy KEK and print its kid")
     p.add_argument("--name", required=True, help="key name")
+    p = command("onboard", cmd_onboard, "onboarding's hardware stand-ins (testbed/onboard.py)")
+    p.add_argument(
+        "--boot-id-file",
+        type=Path,
+        default=Path("/proc/sys/kernel/random/boot_id"),
+        help="where this boot's id is read",
+    )
+    p.add_argument("words", nargs=argparse.REMAINDER, help="check|apply STAGE, reboot, ...")
     return top
 
 

@@ -193,6 +193,7 @@ class Machine:
         self.failed_units: list[str] = []
         self.stop_s: float | None = None  # how long the first shutdown() took
         self.reboots = 0
+        self._settle = True
         self._relaunch: tuple[list[str], dict[str, str]] = ([], {})
         nsenter = shutil.which("nsenter")
         if nsenter is None:
@@ -211,12 +212,14 @@ class Machine:
         binds: Iterable[Bind] = (),
         files: Mapping[str, str | bytes | None] | None = None,
         timeout: float = BOOT_TIMEOUT_S,
+        settle: bool = True,
     ) -> Machine:
         """Boot a machine named ``NAME-<random>`` from the tree ``rootfs``.
 
         ``files`` are written into the overlay before boot (absolute paths inside; ``None``
         hides the lower layer's file). Each machine gets a fresh ``/etc/machine-id`` and its
-        name as ``/etc/hostname``.
+        name as ``/etc/hostname``. Without ``settle`` it returns once systemd answers, not
+        when the boot's jobs are done (a boot that runs long work, or reboots, as onboarding).
         """
         if not _NAME.fullmatch(name):
             raise MachineError(f"machine name {name!r} must match {_NAME.pattern}")
@@ -256,6 +259,7 @@ class Machine:
             raise
         machine = cls(name, directory, nspawn, cgroups)
         machine._relaunch = ([*argv, *nspawn_argv], env)
+        machine._settle = settle
         try:
             machine._wait_booted(started + timeout)
         except BaseException:
@@ -303,6 +307,9 @@ class Machine:
         self.leader = wait_for(leader, left(), what=f"{self.name}'s systemd", interval=0.05)
         private = Path(f"/proc/{self.leader}/root/run/systemd/private")
         wait_for(private.exists, left(), what=f"{private}", interval=0.05)
+        if not self._settle:
+            self.system_state = "starting"
+            return
         proc = self.run(["systemctl", "is-system-running", "--wait"], check=False, timeout=left())
         self.system_state = proc.stdout.strip()
         listed = self.systemctl("list-units", "--failed", "--plain", "--no-legend", check=False)

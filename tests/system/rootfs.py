@@ -53,6 +53,8 @@ HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 PACKAGES = (
     *("systemd", "systemd-sysv", "dbus", "python3", "python3-cffi-backend", "docker.io"),
     *("caddy", "tpm2-tools", "cloud-init", "iproute2", "curl", "ca-certificates", "libnuma1"),
+    # What the user data's packages: adds to a stock image (the cloud-init system test).
+    *("python3-venv", "gnupg"),
     *("libtss2-esys-3.0.2-0", "libtss2-fapi1", "libtss2-mu0", "libtss2-rc0", "libtss2-sys1"),
     *("libtss2-tctildr0", "libtss2-tcti-swtpm0", "libtss2-tcti-device0"),
     *("libssl3", "libffi8", "libbz2-1.0", "liblzma5", "libsqlite3-0", "libreadline8"),

@@ -539,6 +539,55 @@ def test_http_max_response_bytes_takes_sizes(tmp_path: Path, text: str, value: i
 # --- the table --------------------------------------------------------------------------------
 
 
+def test_onboarding_keys_default_to_the_azure_vm_without_pins(tmp_path: Path) -> None:
+    cfg = config.load(tmp_path, environ={})
+    assert (cfg.onboard_hardware, cfg.onboard_nvattest_url, cfg.onboard_nvattest_sha256) == (
+        "azure",
+        None,
+        None,
+    )
+    digest = "AB" * 32
+    (tmp_path / "a.toml").write_text(
+        'onboard_hardware = "testbed"\n'
+        'onboard_nvattest_url = "https://developer.download.nvidia.com/x/nvattest.deb"\n'
+        f'onboard_nvattest_sha256 = "{digest}"\n',
+        encoding="utf-8",
+    )
+    cfg = config.load(tmp_path, environ={})
+    assert cfg.onboard_hardware == "testbed"
+    assert cfg.onboard_nvattest_sha256 == digest.lower()  # one spelling, whatever was written
+    cfg = config.load(tmp_path, environ={"CONFINFER_ONBOARD_HARDWARE": "azure"})
+    assert cfg.onboard_hardware == "azure"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            'onboard_hardware = "gcp"',
+            "key 'onboard_hardware' = 'gcp': expected one of azure, testbed",
+        ),
+        ('onboard_hardware = "Azure"', "expected one of azure, testbed"),
+        ("onboard_hardware = true", "expected one of azure, testbed, not a boolean"),
+        (
+            'onboard_nvattest_sha256 = "abc"',
+            "key 'onboard_nvattest_sha256' = 'abc': expected a SHA-256 digest (64 hexadecimal "
+            "digits)",
+        ),
+        ('onboard_nvattest_sha256 = "' + "g" * 64 + '"', "expected a SHA-256 digest"),
+        ('onboard_nvattest_sha256 = "' + "a" * 65 + '"', "expected a SHA-256 digest"),
+        (
+            'onboard_nvattest_url = "http://developer.download.nvidia.com/nvattest.deb"',
+            "expected an https:// URL",
+        ),
+    ],
+)
+def test_onboarding_values_are_refused_by_name(tmp_path: Path, text: str, message: str) -> None:
+    path, err = refusal(tmp_path, text)
+    assert err.message.startswith(f"{path}: key 'onboard_")
+    assert message in err.message
+
+
 def test_the_table_is_the_dataclass() -> None:
     fields = [f for f in dataclasses.fields(config.Config) if f.name != "sources"]
     assert [f.name for f in fields] == [s.name for s in config.SETTINGS]
@@ -561,14 +610,14 @@ def section(text: str, start: str, end: str) -> str:
 def test_the_docs_list_the_table_in_order() -> None:
     guide = (ROOT / "docs" / "operator-guide.md").read_text(encoding="utf-8")
     rows = re.findall(
-        r"^\| `([a-z_]+)` \| .* \| `(CONFINFER_[A-Z_]+)` \|",
+        r"^\| `([a-z0-9_]+)` \| .* \| `(CONFINFER_[A-Z0-9_]+)` \|",
         section(guide, "### 1.2 Keys", "**Retries:**"),
         re.MULTILINE,
     )
     assert rows == [(s.name, s.env) for s in config.SETTINGS]
     man = (ROOT / "docs" / "confinfer.1.md").read_text(encoding="utf-8")
     rows = re.findall(
-        r"^  \| `(CONFINFER_[A-Z_]+)` \| ([a-z_]+)",
+        r"^  \| `(CONFINFER_[A-Z0-9_]+)` \| ([a-z0-9_]+)",
         section(man, "## ENVIRONMENT", "**AZURE_POD_IDENTITY_AUTHORITY_HOST**"),
         re.MULTILINE,
     )
