@@ -56,7 +56,9 @@ param sshPublicKey string
 @description('Source range allowed to SSH in; empty (the default) keeps SSH closed.')
 param sshSourceRange string = ''
 
-@description('DNS label: the API is served at https://<label>.<region>.cloudapp.azure.com.')
+@description('DNS label: the API is served at https://<label>.<region>.cloudapp.azure.com. `confinfer deploy` passes <namePrefix>-<6 hex of SHA-256(resource group + deployment name)>, so that Caddy\'s domain is known before the deployment.')
+@minLength(3)
+@maxLength(63)
 param dnsLabel string = toLower('${namePrefix}-${take(uniqueString(resourceGroup().id), 6)}')
 
 @secure()

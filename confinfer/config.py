@@ -9,8 +9,9 @@ one-line doc (after mkosi's ``ConfigSetting`` table). The TOML files, the enviro
 and the docs test all go through that table, so a value means the same wherever it is written. A
 parser (confinfer.configvalues) is a small named function that accepts the TOML value, the
 flag's Python value or the text of a variable, and raises :class:`Invalid` with the reason it
-refuses; :func:`load` and :func:`override` turn that into one ``config-invalid`` error naming
-the origin (file path, ``$VAR`` or ``--flag``), the key and the value.
+refuses; :func:`load` turns that into one ``config-invalid`` error naming the origin (file path
+or ``$VAR``), the key and the value, and :func:`override` into a usage error (``usage``, or
+``key-id-invalid`` for ``--key-id``) naming the ``--flag``, the key and the value.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from confinfer.configvalues import (
     refused,
     show,
 )
-from confinfer.errors import ConfigError, Reason
+from confinfer.errors import ConfigError, Reason, UsageError
 
 CONFIG_DIR = Path("/etc/confinfer")
 ENV_PREFIX = "CONFINFER_"
@@ -617,8 +618,16 @@ def load(
     return _checked(Config(**values, sources=sources))
 
 
+def _flag_error(key: str, exc: ConfigError) -> UsageError:
+    """A refused flag value is a usage error (64), not a configuration error: the same
+    message, with ``key-id-invalid`` for ``--key-id`` and ``usage`` for any other flag."""
+    reason = Reason.KEY_ID_INVALID if key == "key_id" else Reason.USAGE
+    return UsageError(exc.message, reason=reason, details=exc.details, hint=exc.hint)
+
+
 def override(cfg: Config, **flags: Any) -> Config:
-    """Apply command-line flags (None means 'not given'), parsed and checked like any value."""
+    """Apply command-line flags (None means 'not given'), parsed and checked like any value.
+    A refused flag value raises :class:`UsageError` (see :func:`_flag_error`)."""
     values: dict[str, Any] = {}
     sources = dict(cfg.sources)
     for key, raw in flags.items():
@@ -627,6 +636,15 @@ def override(cfg: Config, **flags: Any) -> Config:
         setting = BY_NAME.get(key)
         if setting is None:
             raise ConfigError(f"unknown configuration key {key!r}", reason=Reason.CONFIG_INVALID)
-        values[key] = setting.value(raw, setting.flag)
+        try:
+            values[key] = setting.value(raw, setting.flag)
+        except ConfigError as exc:
+            raise _flag_error(key, exc) from None
         sources[key] = setting.flag
-    return _checked(dataclasses.replace(cfg, **values, sources=sources))
+    try:
+        return _checked(dataclasses.replace(cfg, **values, sources=sources))
+    except ConfigError as exc:
+        key = str(exc.details.get("key", ""))
+        if key in values:  # the flag's own value failed its check (a file that is missing)
+            raise _flag_error(key, exc) from None
+        raise

@@ -1,11 +1,14 @@
 """``confinfer deploy``: the Bicep templates of bicep-wrapper/ deployed through the ``az`` CLI.
 
 The operator's machine compiles the Bicep (``az`` carries the compiler); this module reads
-``deploy.toml``, checks what usually goes wrong first (not logged in, the Key Vault provider not
-registered, a region without the VM size, no quota for its family, a key of that name that
-exists without a release policy), renders the VM's user data, writes the ARM parameters file
-and runs ``az deployment group create`` (or ``what-if``), reads the outputs, or deletes the
-resource group. ``--dry-run`` prints every command it would run, exactly, and runs none.
+``deploy.toml`` and checks all of it before the first ``az`` call (the VM's configuration as the
+VM would read it, the SSH key, Caddy's settings, the API key file), then what usually goes wrong
+on Azure (not logged in, the Key Vault provider not registered, a region without the VM size, no
+quota for its family once this deployment's own VMs are counted, a key of that name that exists
+without a release policy), renders the VM's user data, writes the ARM parameters file next to
+``deploy.toml`` and runs ``az deployment group create`` (or ``what-if``), reads the outputs, or
+deletes the resource group. ``--dry-run`` prints every command it would run, exactly, and the
+parameters document with the API key left out, and runs and writes nothing.
 
 ``deploy.toml``::
 
@@ -21,6 +24,10 @@ resource group. ``--dry-run`` prints every command it would run, exactly, and ru
     [appliance]                         # /etc/confinfer/confinfer.toml on the VM (§1.2 keys)
     model_source = "https://<account>.blob.core.windows.net/models/<model>"
 
+    [caddy]                             # /etc/confinfer/caddy.env and /etc/confinfer/api-key
+    acme_email = "ops@example.com"      # or tls = "internal"
+    # domain, https_port, http_port, bind, api_key_file
+
     [bootstrap]                         # a stock image: install the appliance, then onboard
     wheelhouse_url = "https://<account>.blob.core.windows.net/releases/wheelhouse.tar.gz"
     wheelhouse_sha256 = "<64 hex digits: cloud-init/build-wheelhouse prints it>"
@@ -28,8 +35,11 @@ resource group. ``--dry-run`` prints every command it would run, exactly, and ru
 With ``[bootstrap]`` the user data (cloud-init/user-data.yaml.tmpl) installs the packages, the
 appliance from the wheelhouse (refused unless its SHA-256 is the pinned one) and its units, and
 starts onboarding; without it (cloud-init/user-data-configured.yaml.tmpl) the image is taken to
-hold the appliance already and only the configuration is written. :func:`render` fills the
-templates, stdlib only, every value quoted by the renderer itself.
+hold the appliance already and only the files are written. confinfer/userdata.py renders them.
+
+The API key lives in ``api_key_file`` (default ``<deployment_name>.api-key`` next to
+``deploy.toml``); ``create`` makes one when there is none. It is never printed: a dry run and a
+``what-if`` without the file show ``<api key from PATH>`` in its place.
 
 Everything ``az`` prints is hostile until parsed: JSON read strictly, text escaped.
 """
@@ -38,265 +48,85 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confinfer import config
-from confinfer.errors import ConfigError, ConfinferError, Reason, ServiceError, printable
+from confinfer import userdata
+from confinfer.configvalues import Invalid, parse_key_id
+from confinfer.deployplan import (
+    DEFAULT_SIZE,
+    Plan,
+    dns_label,
+    key_placeholder,
+    load_plan,
+    plan_error,
+    read_api_key,
+    write_api_key,
+)
+from confinfer.errors import ConfinferError, Reason, ServiceError, printable
+from confinfer.userdata import BOOTSTRAP_PATH, render
+
+__all__ = [
+    "BOOTSTRAP_PATH",
+    "CUSTOM_DATA_LIMIT",
+    "Plan",
+    "dns_label",
+    "key_placeholder",
+    "load_plan",
+    "read_api_key",
+    "render",
+    "user_data",
+    "write_api_key",
+]
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "bicep-wrapper" / "main.bicep"
-CLOUD_INIT = Path(__file__).resolve().parent.parent / "cloud-init"
-BOOTSTRAP_PATH = "/usr/local/sbin/confinfer-bootstrap"  # where the user data puts bootstrap.sh
 CUSTOM_DATA_LIMIT = 65_535  # bytes before base64 (Azure's customData limit)
 AZ_TIMEOUT_S = 3600.0  # a deployment of a GPU VM takes minutes
 PARAMETERS_SCHEMA = (
     "https://schema.management.azure.com/schemas/2019-04-01/deploymentParameters.json#"
 )
-DEFAULT_SIZE = "Standard_NCC40ads_H100_v5"
-
-_AZURE_KEYS: dict[str, type | tuple[type, ...]] = {
-    "resource_group": str,
-    "location": str,
-    "name_prefix": str,
-    "vault_name": str,
-    "ssh_public_key": str,
-    "key_name": str,
-    "vm_size": str,
-    "instance_count": int,
-    "ssh_source_range": str,
-    "maa_authority": str,
-    "vault_allowed_ip_ranges": list,
-    "model_storage_account": str,
-    "model_container": str,
-    "deployment_name": str,
-}
-# The VM's configuration keys that deploy writes from [azure], never from [appliance].
-_FROM_AZURE = {"maa_url": "maa_authority", "key_id": "vault_name and key_name"}
-_REQUIRED = ("resource_group", "location", "name_prefix", "vault_name", "ssh_public_key")
-_BOOTSTRAP_KEYS = ("wheelhouse_url", "wheelhouse_sha256")
-# RFC 3986's characters and no others: no space, quote, backslash, backquote or control
-# character reaches the user data or the bootstrap's command line.
-_URL_CHARS = re.compile(r"[A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%-]+")
+DEFAULT_MAA = "https://sharedeus.eus.attest.azure.net"
+SECURE_PARAMETERS = ("sshPublicKey", "userData")  # @secure() in main.bicep
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What one ``deploy.toml`` says."""
-
-    path: Path
-    azure: Mapping[str, Any]
-    appliance: Mapping[str, Any]
-    bootstrap: Mapping[str, str] = field(default_factory=dict)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.azure.get(key, default)
-
-    @property
-    def group(self) -> str:
-        return str(self.azure["resource_group"])
-
-    @property
-    def deployment(self) -> str:
-        return str(self.azure.get("deployment_name", "confinfer"))
-
-    @property
-    def key_id(self) -> str:
-        """The KEK, versionless: the VM follows the key's current version."""
-        name = self.get("key_name", "model-kek")
-        return f"https://{self.azure['vault_name']}.vault.azure.net/keys/{name}"
-
-
-def _bad(path: Path, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {printable(message, 300)}", reason=Reason.CONFIG_INVALID)
-
-
-def load_plan(path: Path) -> Plan:
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise _bad(path, f"cannot read: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise _bad(path, f"cannot parse: {exc}") from None
-    unknown = sorted(set(data) - {"azure", "appliance", "bootstrap"})
-    if unknown:
-        raise _bad(
-            path, f"unknown table [{unknown[0]}]; expected [azure], [appliance] and [bootstrap]"
-        )
-    azure = data.get("azure", {})
-    appliance = data.get("appliance", {})
-    bootstrap = data.get("bootstrap", {})
-    if not all(isinstance(table, dict) for table in (azure, appliance, bootstrap)):
-        raise _bad(path, "[azure], [appliance] and [bootstrap] must be tables")
-    for key, value in azure.items():
-        want = _AZURE_KEYS.get(key)
-        if want is None:
-            raise _bad(path, f"[azure] unknown key {key!r}")
-        if isinstance(value, bool) or not isinstance(value, want):
-            raise _bad(path, f"[azure] {key}: wrong type")
-    missing = [k for k in _REQUIRED if k not in azure]
-    if missing:
-        raise _bad(path, f"[azure] needs {', '.join(missing)}")
-    count = azure.get("instance_count", 1)
-    if not 1 <= count <= 100:
-        raise _bad(path, "[azure] instance_count must be 1 to 100")
-    for key in appliance:
-        if key not in config.BY_NAME:
-            raise _bad(path, f"[appliance] {key!r} is not a confinfer configuration key")
-        if key in _FROM_AZURE:
-            raise _bad(
-                path,
-                f"[appliance] {key} comes from [azure] ({_FROM_AZURE[key]}): the KEK's release "
-                "policy names that authority and key, so the VM must use the same",
-            )
-    return Plan(path, azure, appliance, _bootstrap(path, bootstrap))
-
-
-def _bootstrap(path: Path, table: Mapping[str, Any]) -> dict[str, str]:
-    """[bootstrap]: where the wheelhouse is and its SHA-256, both checked character by
-    character."""
-    if not table:
-        return {}
-    for key, value in table.items():
-        if key not in _BOOTSTRAP_KEYS:
-            raise _bad(path, f"[bootstrap] unknown key {key!r}")
-        if not isinstance(value, str):
-            raise _bad(path, f"[bootstrap] {key}: wrong type")
-    missing = [k for k in _BOOTSTRAP_KEYS if k not in table]
-    if missing:
-        raise _bad(path, f"[bootstrap] needs {', '.join(missing)}")
-    url, digest = table["wheelhouse_url"], table["wheelhouse_sha256"]
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise _bad(path, "[bootstrap] wheelhouse_sha256 must be 64 lower-case hexadecimal digits")
-    if len(url) > 4096 or not _URL_CHARS.fullmatch(url):
-        raise _bad(path, "[bootstrap] wheelhouse_url holds a character a URL cannot")
-    if not re.match(r"https://[^/?#@]+/|file:///|/", url) or "/../" in url + "/":
-        raise _bad(
-            path,
-            "[bootstrap] wheelhouse_url must be an https:// URL with a host, a file:// URL or an "
-            "absolute path on the VM",
-        )
-    return {"wheelhouse_url": url, "wheelhouse_sha256": digest}
-
-
-# --- the user data -------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string of printable ASCII, anything else as a \\u or \\U escape (JSON's
-    surrogate pairs are not TOML): the configuration is one ASCII line per key."""
-    out = []
-    for ch in text:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif 0x20 <= ord(ch) < 0x7F:
-            out.append(ch)
-        elif ord(ch) < 0x10000:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    return '"' + "".join(out) + '"'
+# --- the user data ---------------------------------------------------------------------------
 
 
 def appliance_config(plan: Plan) -> str:
     """``/etc/confinfer/confinfer.toml`` for the VM: the attestation authority and the KEK
-    from [azure], then every [appliance] key (validated as the VM would)."""
+    from [azure], then every [appliance] key (each checked by :func:`load_plan`)."""
     values: dict[str, Any] = {
-        "maa_url": plan.get("maa_authority", "https://sharedeus.eus.attest.azure.net"),
+        "maa_url": plan.get("maa_authority", DEFAULT_MAA),
         "key_id": plan.key_id,
         **plan.appliance,
     }
-    with tempfile.TemporaryDirectory() as empty:
-        text = "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
-        probe = Path(empty) / "confinfer.toml"
-        probe.write_text(text, encoding="utf-8")
-        # The VM's own loader reads it: refuse here what it would refuse there (files that
-        # must exist on the VM are not checked here).
-        try:
-            config.load(Path(empty), environ={})
-        except ConfigError as exc:
-            if "does not exist" not in str(exc) and "no such file" not in str(exc).lower():
-                raise
-    return "# written by `confinfer deploy`\n" + text
+    try:
+        parse_key_id(values["key_id"])
+    except Invalid as exc:
+        why = f"[azure] vault_name and key_name make no key id: {exc}"
+        raise plan_error(plan.path, why) from None
+    return userdata.config_file(values)
 
 
-_PLACEHOLDER = re.compile(r"@([A-Z][A-Z_]*)@$")
-BLOCKS = frozenset({"CONFIG", "BOOTSTRAP"})  # the lines of a literal block (`content: |`)
-
-
-def render(template: str, values: Mapping[str, str]) -> str:
-    """Fill ``template``: ``##`` lines are dropped; a line ending in ``@NAME@`` gets the value.
-
-    A block value (:data:`BLOCKS`) must be printable ASCII and its first line must start with
-    text (neither a space nor nothing): each of its lines is indented like the placeholder, so
-    none can end the block or change its indentation. Any other value must be one printable
-    ASCII line (the callers give JSON). Every placeholder is filled once and every value used,
-    else ValueError (a bug in the caller, never an input error).
-    """
-    out: list[str] = []
-    used: set[str] = set()
-    for line in template.splitlines():
-        if line.startswith("##"):
-            continue
-        match = _PLACEHOLDER.search(line)
-        if match is None:
-            if re.search(r"@[A-Z_]+@", line):
-                raise ValueError(f"a placeholder must end its line: {line!r}")
-            out.append(line)
-            continue
-        name, prefix = match.group(1), line[: match.start()]
-        if name not in values or name in used:
-            raise ValueError(f"placeholder @{name}@ has no value, or appears twice")
-        used.add(name)
-        lines = values[name].splitlines() or [""]
-        if name in BLOCKS:
-            if prefix.strip() or not lines[0][:1].strip():
-                raise ValueError(f"@{name}@ must stand alone, and its value start with text")
-            for text in lines:
-                if not all(0x20 <= ord(ch) <= 0x7E for ch in text):
-                    raise ValueError(f"@{name}@: only printable ASCII goes in a block")
-                out.append(prefix + text if text else "")
-        else:
-            if len(lines) != 1 or not lines[0].isascii() or not lines[0].isprintable():
-                raise ValueError(f"@{name}@ must be one printable ASCII line")
-            out.append(prefix + lines[0])
-    if used != set(values):
-        raise ValueError(f"unused values: {sorted(set(values) - used)}")
-    return "\n".join(out) + "\n"
-
-
-def user_data(plan: Plan) -> str:
-    """The VM's cloud-init user data: the appliance configuration, and with [bootstrap] the
-    packages, the appliance installed from its pinned wheelhouse, and onboarding started."""
-    values = {
-        "SOURCE": json.dumps(plan.path.name),
-        "CONFIG": appliance_config(plan),
-    }
-    if not plan.bootstrap:
-        template = CLOUD_INIT / "user-data-configured.yaml.tmpl"
-    else:
-        template = CLOUD_INIT / "user-data.yaml.tmpl"
-        values["BOOTSTRAP"] = (CLOUD_INIT / "bootstrap.sh").read_text(encoding="utf-8")
+def user_data(plan: Plan, api_key: str | None = None) -> str:
+    """The VM's cloud-init user data: the appliance configuration, Caddy's environment file and
+    the API key (``api_key``, else the one in ``api_key_file``, which must exist), and with
+    [bootstrap] the packages, the appliance from its pinned wheelhouse, and onboarding."""
+    if api_key is None:
+        api_key = read_api_key(plan)
+        if api_key is None:
+            missing = plan.caddy.api_key_file
+            raise plan_error(plan.path, f"[caddy] api_key_file {missing}: no such file")
+    argv = None
+    if plan.bootstrap:
         argv = [
             BOOTSTRAP_PATH,
             "--wheelhouse",
@@ -304,8 +134,13 @@ def user_data(plan: Plan) -> str:
             "--sha256",
             plan.bootstrap["wheelhouse_sha256"],
         ]
-        values["BOOTSTRAP_ARGV"] = json.dumps(argv)
-    return render(template.read_text(encoding="utf-8"), values)
+    return userdata.user_data(
+        source=plan.path.name,
+        config=appliance_config(plan),
+        caddy_env=userdata.environment_file(plan.caddy.environment()),
+        api_key=api_key,
+        bootstrap_argv=argv,
+    )
 
 
 def parameters(plan: Plan, data: str) -> dict[str, Any]:
@@ -316,22 +151,16 @@ def parameters(plan: Plan, data: str) -> dict[str, Any]:
             f"the rendered user data is {size} bytes; Azure takes at most {CUSTOM_DATA_LIMIT}",
             reason=Reason.DEPLOY_USER_DATA_TOO_LARGE,
         )
-    key_path = Path(os.path.expanduser(str(plan.azure["ssh_public_key"])))
-    try:
-        ssh_key = key_path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _bad(plan.path, f"ssh_public_key {key_path}: cannot read ({exc})") from None
-    if not ssh_key.startswith(("ssh-", "ecdsa-")):
-        raise _bad(plan.path, f"ssh_public_key {key_path}: not an OpenSSH public key")
     values: dict[str, Any] = {
-        "namePrefix": plan.azure["name_prefix"],
+        "namePrefix": plan.prefix,
         "location": plan.azure["location"],
         "vaultName": plan.azure["vault_name"],
         "keyName": plan.get("key_name", "model-kek"),
         "vmSize": plan.get("vm_size", DEFAULT_SIZE),
         "instanceCount": plan.get("instance_count", 1),
-        "sshPublicKey": ssh_key,
+        "sshPublicKey": plan.ssh_key,
         "sshSourceRange": plan.get("ssh_source_range", ""),
+        "dnsLabel": plan.dns_label,
         "vaultAllowedIpRanges": plan.get("vault_allowed_ip_ranges", []),
         "modelStorageAccount": plan.get("model_storage_account", ""),
         "modelContainer": plan.get("model_container", "models"),
@@ -346,7 +175,27 @@ def parameters(plan: Plan, data: str) -> dict[str, Any]:
     }
 
 
+def write_parameters(plan: Plan, document: Mapping[str, Any]) -> Path:
+    """``<deployment>.parameters.json`` next to deploy.toml, 0600 (it holds the user data and
+    so the API key), replaced atomically; kept, so that the printed command runs by hand."""
+    target = plan.parameters_file
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            json.dump(document, stream, indent=1)
+            stream.write("\n")
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    return target
+
+
 # --- running az --------------------------------------------------------------------------------
+
+
+def _say(line: str) -> None:
+    print(f"confinfer: {line}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -356,6 +205,7 @@ class Az:
     dry_run: bool = False
     executable: str = "az"
     out: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
+    say: Callable[[str], None] = field(default=_say)
 
     def _argv(self, args: Sequence[str]) -> list[str]:
         found = shutil.which(self.executable)
@@ -423,8 +273,9 @@ def az_failure(args: Sequence[str], code: int, stderr: str) -> ConfinferError:
 # --- the checks before a deployment ------------------------------------------------------------
 
 
-def preflight(plan: Plan, az: Az) -> None:
-    """What usually fails a deployment, named before it starts."""
+def preflight(plan: Plan, az: Az) -> bool | None:
+    """What usually fails a deployment, named before it starts. Answers whether the resource
+    group exists (None in a dry run)."""
     az.json(["account", "show"])
     state = az.run(
         ["provider", "show", "--namespace", "Microsoft.KeyVault", "--query",
@@ -437,6 +288,7 @@ def preflight(plan: Plan, az: Az) -> None:
             reason=Reason.DEPLOY_PROVIDER_UNREGISTERED,
             hint="az provider register --namespace Microsoft.KeyVault --wait",
         )
+    exists = group_exists(plan, az)
     location = str(plan.azure["location"])
     size = str(plan.get("vm_size", DEFAULT_SIZE))
     skus = az.json(
@@ -444,7 +296,7 @@ def preflight(plan: Plan, az: Az) -> None:
          "--resource-type", "virtualMachines"]
     )  # fmt: skip
     if skus is not None:
-        _check_size(skus, size, location, plan, az)
+        _check_size(skus, size, location, plan, az, exists=bool(exists))
     key = _key_answer(plan, az)
     if key is not None and not key.get("releasePolicy"):
         raise ConfinferError(
@@ -453,6 +305,18 @@ def preflight(plan: Plan, az: Az) -> None:
             hint="Secure Key Release needs an exportable key created with its release policy; "
             "choose another key_name, or delete and purge that key",
         )
+    return exists
+
+
+def group_exists(plan: Plan, az: Az) -> bool | None:
+    answer = az.json(["group", "exists", "--name", plan.group])
+    if answer is None:
+        return None
+    if not isinstance(answer, bool):
+        raise ServiceError(
+            "`az group exists` did not answer true or false", reason=Reason.DEPLOY_AZ_FAILED
+        )
+    return answer
 
 
 def _key_answer(plan: Plan, az: Az) -> dict[str, Any] | None:
@@ -471,7 +335,29 @@ def _key_answer(plan: Plan, az: Az) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-def _check_size(skus: Any, size: str, location: str, plan: Plan, az: Az) -> None:
+def own_instances(plan: Plan, az: Az, size: str) -> int:
+    """How many instances of ``size`` this deployment already runs (its ``<prefix>-vm``, or its
+    ``<prefix>-vmss``' capacity): their vCPUs are in the family's usage already."""
+    single = int(plan.get("instance_count", 1)) == 1
+    kind, name = ("vm", f"{plan.prefix}-vm") if single else ("vmss", f"{plan.prefix}-vmss")
+    listed = az.json([kind, "list", "--resource-group", plan.group])
+    count = 0
+    for entry in listed if isinstance(listed, list) else []:
+        if not isinstance(entry, dict) or str(entry.get("name", "")).lower() != name.lower():
+            continue
+        if single:
+            profile = entry.get("hardwareProfile")
+            vm_size = profile.get("vmSize") if isinstance(profile, dict) else None
+            count += str(vm_size).lower() == size.lower()
+        else:
+            sku = entry.get("sku")
+            if isinstance(sku, dict) and str(sku.get("name", "")).lower() == size.lower():
+                capacity = sku.get("capacity")
+                count += capacity if isinstance(capacity, int) and capacity > 0 else 0
+    return count
+
+
+def _check_size(skus: Any, size: str, location: str, plan: Plan, az: Az, *, exists: bool) -> None:
     offered = [
         s for s in skus if isinstance(s, dict) and str(s.get("name", "")).lower() == size.lower()
     ]
@@ -494,8 +380,11 @@ def _check_size(skus: Any, size: str, location: str, plan: Plan, az: Az) -> None
         ),
         0,
     )
-    need = vcpus * int(plan.get("instance_count", 1))
+    wanted = int(plan.get("instance_count", 1))
+    have = own_instances(plan, az, size) if exists else 0
+    need = vcpus * max(0, wanted - have)
     usage = az.json(["vm", "list-usage", "--location", location]) or []
+    hint = "request a quota increase for the NCC H100 v5 family in that region"
     for entry in usage:
         name = entry.get("name", {}) if isinstance(entry, dict) else {}
         if isinstance(name, dict) and str(name.get("value", "")).lower() == family.lower():
@@ -504,43 +393,100 @@ def _check_size(skus: Any, size: str, location: str, plan: Plan, az: Az) -> None
             except (KeyError, ValueError, TypeError):
                 break
             if free < need:
+                mine = f"; this deployment has {have} of its {wanted} already" if have else ""
                 raise ConfinferError(
-                    f"no quota for {need} vCPUs of {family} in {location} ({free} free)",
+                    f"no quota for {need} vCPUs of {family} in {location} ({free} free{mine})",
                     reason=Reason.DEPLOY_NO_QUOTA,
-                    hint="request a quota increase for the NCC H100 v5 family in that region",
+                    hint=hint,
                 )
             return
     raise ConfinferError(
         f"no quota for {family} in {location} (the subscription has none)",
         reason=Reason.DEPLOY_NO_QUOTA,
-        hint="request a quota increase for the NCC H100 v5 family in that region",
+        hint=hint,
     )
 
 
 # --- the actions -------------------------------------------------------------------------------
 
 
-def _deployment_args(plan: Plan, verb: str, params_file: Path) -> list[str]:
+def _deployment_args(plan: Plan, verb: str) -> list[str]:
     return [
         "deployment", "group", verb, "--resource-group", plan.group, "--name",
-        plan.deployment, "--template-file", str(TEMPLATE), "--parameters", f"@{params_file}",
+        plan.deployment, "--template-file", str(TEMPLATE), "--parameters",
+        f"@{plan.parameters_file}",
     ]  # fmt: skip
 
 
+def _summary(document: Mapping[str, Any]) -> list[str]:
+    """The parameters, one per line, the secure ones by their size only."""
+    lines = []
+    for name, entry in document["parameters"].items():
+        value = entry["value"]
+        if name in SECURE_PARAMETERS:
+            lines.append(f"  {name}: <secure, {len(str(value).encode())} bytes>")
+        else:
+            lines.append(f"  {name}: {printable(json.dumps(value), 200)}")
+    return lines
+
+
 def deploy(plan: Plan, az: Az, *, what_if: bool = False) -> Any:
-    """Create or update the deployment (or show what it would change)."""
-    preflight(plan, az)
-    document = parameters(plan, user_data(plan))
-    with tempfile.TemporaryDirectory(prefix="confinfer-deploy-") as work:
-        params_file = Path(work) / "parameters.json"
-        fd = os.open(params_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, indent=1)
-        if what_if:
-            return az.run(_deployment_args(plan, "what-if", params_file))
+    """Create or update the deployment (or show what it would change).
+
+    Everything local is done before the first ``az`` call: the API key read (or, for
+    ``create``, made in memory), the user data rendered and measured. The key file is written
+    only once the checks against Azure have passed."""
+    key = read_api_key(plan)
+    new_key = key is None and not what_if and not az.dry_run
+    if new_key:
+        key = secrets.token_urlsafe(32)
+    if az.dry_run or key is None:
+        key = key_placeholder(plan)  # never printed, never sent
+    document = parameters(plan, user_data(plan, api_key=key))
+    exists = preflight(plan, az)
+    if what_if:
+        if exists is False:
+            print(
+                f"the resource group {plan.group} does not exist yet: az deployment group "
+                "what-if needs it, so nothing was asked of Azure; create would make the group "
+                "and every resource of bicep-wrapper/main.bicep with these parameters:",
+                flush=True,
+            )
+            for line in _summary(document):
+                print(line, flush=True)
+            return None
+        if not az.dry_run:
+            write_parameters(plan, document)
+            az.say(f"asking Azure what deploying {plan.deployment} to {plan.group} would change "
+                   "(az deployment group what-if)")  # fmt: skip
+        else:
+            _show_parameters(plan, document, az)
+        return az.run(_deployment_args(plan, "what-if"))
+    if az.dry_run:
+        _show_parameters(plan, document, az)
+    else:
+        if new_key:
+            write_api_key(plan, key)
+            az.say(
+                f"wrote a new API key to {plan.caddy.api_key_file} (mode 0600): clients send "
+                "it as `Authorization: Bearer <key>`"
+            )
+        write_parameters(plan, document)
+    if not exists:
         az.json(["group", "create", "--name", plan.group, "--location",
                  str(plan.azure["location"])])  # fmt: skip
-        return az.json(_deployment_args(plan, "create", params_file))
+    if not az.dry_run:
+        az.say(
+            f"deploying {plan.deployment} to {plan.group} (az deployment group create; this "
+            f"takes several minutes; parameters in {plan.parameters_file})"
+        )
+    return az.json(_deployment_args(plan, "create"))
+
+
+def _show_parameters(plan: Plan, document: Mapping[str, Any], az: Az) -> None:
+    az.out(f"# {plan.parameters_file} (create writes it, mode 0600; --dry-run writes nothing):")
+    for line in json.dumps(document, indent=1).splitlines():
+        az.out(f"#   {line}")
 
 
 def outputs(plan: Plan, az: Az) -> dict[str, str] | None:
@@ -561,16 +507,29 @@ def outputs(plan: Plan, az: Az) -> dict[str, str] | None:
 
 
 def destroy(plan: Plan, az: Az, *, yes: bool, ask: Callable[[str], str] = input) -> bool:
-    """Delete the resource group; asks first unless ``yes``. The vault stays soft-deleted
-    (purge protection) for its retention period."""
+    """Delete the resource group; asks first unless ``yes``. False when the operator declined.
+    The vault stays soft-deleted (purge protection) for its retention period."""
+    vault = plan.azure["vault_name"]
     if not yes and not az.dry_run:
         if not sys.stdin.isatty() and ask is input:
             raise ConfinferError(
                 "destroy asks before it deletes; give --yes to run it unattended",
                 reason=Reason.USAGE,
             )
-        answer = ask(f"delete resource group {plan.group} and everything in it? [y/N] ")
+        answer = ask(
+            f"delete resource group {plan.group} and everything in it (the Key Vault {vault} "
+            "stays soft-deleted, its name taken, for 90 days)? [y/N] "
+        )
         if answer.strip().lower() not in ("y", "yes"):
             return False
+    if not az.dry_run:
+        az.say(f"deleting resource group {plan.group} (az group delete; this takes minutes)")
     az.run(["group", "delete", "--name", plan.group, "--yes"])
+    if not az.dry_run:
+        az.say(
+            f"deleted resource group {plan.group}; the Key Vault {vault} and its KEK stay "
+            "soft-deleted for 90 days (purge protection: nobody can purge them sooner) and "
+            f"the name {vault} is taken until then (`az keyvault recover --name {vault}` "
+            "brings them back)"
+        )
     return True

@@ -14,10 +14,18 @@ spelling, so that a wrong flag fails a test here rather than on Azure:
 - ``az keyvault key show --vault-name V --name K -o json``: the key (with ``releasePolicy``
   when it has one); a missing vault or key: ``ERROR: ... not found``, exit 3, as az's
   ResourceNotFound.
-- ``az group create --name RG --location L -o json``; ``az group delete --name RG --yes``.
+- ``az group create --name RG --location L -o json``; ``az group delete --name RG --yes``;
+  ``az group exists --name RG -o json``: ``true`` or ``false``.
+- ``az vm list --resource-group RG -o json`` (``[{"name", "hardwareProfile": {"vmSize"}}]``)
+  and ``az vmss list --resource-group RG -o json`` (``[{"name", "sku": {"name", "capacity"}}]``);
+  a missing group: ``ERROR: Resource group 'RG' could not be found.``, exit 3.
 - ``az deployment group create|what-if --resource-group RG --name N --template-file F
   --parameters @P -o json``: the template file must exist, the parameters file must be an ARM
-  parameters document; ``create`` records the deployment and answers its outputs.
+  parameters document naming only parameters the template declares (``param NAME``), and a
+  ``dnsLabel`` must be a valid DNS label as Azure's public IP takes it
+  (``^[a-z][a-z0-9-]{1,61}[a-z0-9]$``); ``create`` records the deployment, its VM
+  (``<namePrefix>-vm``) or scale set (``<namePrefix>-vmss``, capacity ``instanceCount``), adds
+  their vCPUs to the region's usage, and answers its outputs.
 - ``az deployment group show --resource-group RG --name N --query properties.outputs -o json``
 
 Unknown commands or flags: az's ``ERROR: unrecognized arguments: ...``, exit 2. Every call is
@@ -26,12 +34,15 @@ appended to ``<scenario>.log`` as one JSON line ``{"argv": [...]}``.
 The scenario (JSON) names: ``logged_in``, ``subscription``, ``providers`` (namespace ->
 state), ``skus`` (location -> [{"name", "family", "vcpus", "restricted"}]), ``usage`` (location
 -> family -> [current, limit]), ``keys`` ("vault/key" -> {"release_policy": bool}),
-``groups`` and ``deployments`` (written by the stand-in), ``outputs`` (what a create answers).
+``groups``, ``deployments``, ``vms`` (group -> [{"name", "size"}]) and ``scale_sets`` (group ->
+[{"name", "size", "capacity"}]) (written by the stand-in, or given), ``outputs`` (what a create
+answers).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +119,9 @@ class Az:
             ("keyvault", "key"): self.key,
             ("group", "create"): self.group_create,
             ("group", "delete"): self.group_delete,
+            ("group", "exists"): self.group_exists,
+            ("vm", "list"): self.vm_list,
+            ("vmss", "list"): self.vmss_list,
             ("deployment", "group"): self.deployment,
         }
         handler = handlers.get((command[0], command[1])) if len(command) >= 2 else None
@@ -194,6 +208,59 @@ class Az:
         self.save()
         self.emit({"name": flags["--name"], "location": flags["--location"]}, flags)
 
+    def group_exists(self, args: list[str]) -> None:
+        flags = _flags(args, {"--name": True, "--output": True})
+        _need(flags, "--name")
+        self.emit(flags["--name"] in self.state.get("groups", {}), flags)
+
+    def _group(self, args: list[str]) -> tuple[str, dict[str, str]]:
+        flags = _flags(args, {"--resource-group": True, "--output": True})
+        _need(flags, "--resource-group")
+        group = flags["--resource-group"]
+        if group not in self.state.get("groups", {}):
+            raise AzError(f"Resource group '{group}' could not be found.", 3)
+        return group, flags
+
+    def vm_list(self, args: list[str]) -> None:
+        group, flags = self._group(args)
+        vms = self.state.get("vms", {}).get(group, [])
+        self.emit(
+            [{"name": vm["name"], "hardwareProfile": {"vmSize": vm["size"]}} for vm in vms], flags
+        )
+
+    def vmss_list(self, args: list[str]) -> None:
+        group, flags = self._group(args)
+        sets = self.state.get("scale_sets", {}).get(group, [])
+        self.emit(
+            [
+                {"name": ss["name"], "sku": {"name": ss["size"], "capacity": ss["capacity"]}}
+                for ss in sets
+            ],
+            flags,
+        )
+
+    def _record_instances(self, group: str, location: str, values: dict[str, Any]) -> None:
+        """What a create leaves running, and its vCPUs in the region's usage."""
+        prefix, size = values["namePrefix"], values.get("vmSize", "Standard_NCC40ads_H100_v5")
+        count = int(values.get("instanceCount", 1))
+        if count == 1:
+            kind, entry, key = "vms", {"name": f"{prefix}-vm", "size": size}, f"{prefix}-vm"
+        else:
+            kind, key = "scale_sets", f"{prefix}-vmss"
+            entry = {"name": key, "size": size, "capacity": count}
+        listed = self.state.setdefault(kind, {}).setdefault(group, [])
+        before = next((e for e in listed if e["name"] == key), None)
+        had = 0 if before is None else int(before.get("capacity", 1))
+        if before is not None:
+            listed.remove(before)
+        listed.append(entry)
+        sku = next(
+            (s for s in self.state.get("skus", {}).get(location, []) if s["name"] == size), None
+        )
+        usage = self.state.get("usage", {}).get(location, {})
+        if sku is not None and sku["family"] in usage:
+            usage[sku["family"]][0] += int(sku["vcpus"]) * (count - had)
+
     def group_delete(self, args: list[str]) -> None:
         flags = _flags(args, {"--name": True, "--yes": False, "--no-wait": False})
         _need(flags, "--name", "--yes")
@@ -201,6 +268,8 @@ class Az:
         if flags["--name"] not in groups:
             raise AzError(f"Resource group '{flags['--name']}' could not be found.", 3)
         del groups[flags["--name"]]
+        self.state.get("vms", {}).pop(flags["--name"], None)
+        self.state.get("scale_sets", {}).pop(flags["--name"], None)
         self.save()
 
     def deployment(self, args: list[str]) -> None:
@@ -236,6 +305,20 @@ class Az:
         if "parameters" not in document or "$schema" not in document:
             raise AzError("the parameters file is not an ARM deployment parameters document")
         values = {k: v["value"] for k, v in document["parameters"].items()}
+        declared = set(re.findall(r"^param\s+(\w+)", template.read_text(), re.MULTILINE))
+        unknown = sorted(set(values) - declared)
+        if unknown:
+            raise AzError(
+                f"The template parameters '{', '.join(unknown)}' in the parameters file are not "
+                "valid; they are not present in the original template and can therefore not be "
+                "provided at deployment time."
+            )
+        label = values.get("dnsLabel")
+        if label is not None and not re.fullmatch(r"[a-z][a-z0-9-]{1,61}[a-z0-9]", label):
+            raise AzError(
+                f"(InvalidDomainNameLabel) The domain name label {label} is invalid. It must "
+                "conform to the following regular expression: ^[a-z][a-z0-9-]{1,61}[a-z0-9]$."
+            )
         if verb == "what-if":
             self.out.write(
                 f"Resource changes: {len(values)} parameters, template {template.name}\n"
@@ -246,6 +329,7 @@ class Az:
             for name, value in self.state.get("outputs", {}).items()
         }
         self.state.setdefault("deployments", {})[key] = {"outputs": outputs, "parameters": values}
+        self._record_instances(group, self.state["groups"][group], values)
         self.save()
         self.emit({"name": flags["--name"], "properties": {"outputs": outputs}}, flags)
 

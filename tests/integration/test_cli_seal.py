@@ -313,7 +313,7 @@ def test_key_vault_refusals_are_one_line(tmp_path: Path, testbed: RunningTestbed
             "http://not-a-vault/x",
             env=testbed.environ(),
         ),
-        "config-invalid",
+        "key-id-invalid",  # a flag's value: a usage error (64), not the configuration's
     )
     assert not (tmp_path / "pkg").exists()
 

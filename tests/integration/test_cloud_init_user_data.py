@@ -1,6 +1,7 @@
 """The rendered user data against the real cloud-init (Debian's package): ``cloud-init schema``
-accepts it, and cloud-init's own YAML loader and runcmd quoting (``cloudinit.util``) turn the
-bootstrap's command line, hostile URL and all, into exactly the argv that was meant."""
+accepts it (both templates, with Caddy's environment file and the API key), and cloud-init's own
+YAML loader and runcmd quoting (``cloudinit.util``) turn the bootstrap's command line, hostile
+URL and all, into exactly the argv that was meant, and the files into exactly their content."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CLOUD_INIT = shutil.which("cloud-init")
 SYSTEM_PYTHON = "/usr/bin/python3"  # the interpreter Debian's cloud-init package runs on
 DIGEST = "9a1e94954b59589aa98e48c90552072dcdbfa142372260faaf0c89a28cfbddbe"
+API_KEY = "Test-Key_0123456789abcdefghijklmnopqrstuvwxyz"  # a test value
 
 if CLOUD_INIT is None:
     pytest.skip("cloud-init is missing (apt-get install cloud-init)", allow_module_level=True)
@@ -32,7 +34,9 @@ def plan(tmp_path: Path, appliance: str = "", bootstrap: str | None = None) -> d
         "[azure]\n"
         'resource_group = "confinfer"\nlocation = "eastus2"\nname_prefix = "cinf"\n'
         f'vault_name = "cinf-kv-0001"\nssh_public_key = {json.dumps(str(key))}\n'
-        f"[appliance]\n{appliance}\n"
+        '[appliance]\nmodel_source = "https://acct.blob.core.windows.net/models/m"\n'
+        f"{appliance}\n"
+        '[caddy]\nacme_email = "ops@example.com"\n'
     )
     if bootstrap is not None:
         text += f"[bootstrap]\nwheelhouse_url = {json.dumps(bootstrap)}\n"
@@ -62,7 +66,7 @@ def test_cloud_init_schema_accepts_the_rendered_user_data(
     tmp_path: Path, with_bootstrap: bool
 ) -> None:
     wheelhouse = "https://acct.blob.core.windows.net/r/wh.tar.gz" if with_bootstrap else None
-    data = deploy.user_data(plan(tmp_path, HOSTILE, wheelhouse))
+    data = deploy.user_data(plan(tmp_path, HOSTILE, wheelhouse), api_key=API_KEY)
     path = tmp_path / "user-data"
     path.write_text(data)
     done = schema(path)
@@ -72,7 +76,7 @@ def test_cloud_init_schema_accepts_the_rendered_user_data(
 
 def test_cloud_init_schema_would_catch_a_broken_document(tmp_path: Path) -> None:
     """The check is real: the same document with a wrongly typed key is refused."""
-    data = deploy.user_data(plan(tmp_path, "", "/srv/wh.tar.gz"))
+    data = deploy.user_data(plan(tmp_path, "", "/srv/wh.tar.gz"), api_key=API_KEY)
     path = tmp_path / "user-data"
     path.write_text(data.replace("package_update: true", "package_update: [1]"))
     assert schema(path).returncode != 0
@@ -86,7 +90,12 @@ files = {f["path"]: f for f in doc["write_files"]}
 argv = doc["runcmd"][0]
 argv[0] = sys.argv[2]  # the recorder stands in for /usr/local/sbin/confinfer-bootstrap
 open(sys.argv[3], "w").write(util.shellify(doc["runcmd"]))
-print(json.dumps({"config": files["/etc/confinfer/confinfer.toml"]["content"]}))
+print(json.dumps({
+    "config": files["/etc/confinfer/confinfer.toml"]["content"],
+    "key": files["/etc/confinfer/api-key"]["content"],
+    "key_mode": files["/etc/confinfer/api-key"]["permissions"],
+    "env": files["/etc/confinfer/caddy.env"]["content"],
+}))
 """
 
 
@@ -102,7 +111,7 @@ print(json.dumps({"config": files["/etc/confinfer/confinfer.toml"]["content"]}))
 def test_cloud_inits_runcmd_hands_the_bootstrap_exactly_its_arguments(
     tmp_path: Path, url: str
 ) -> None:
-    data = deploy.user_data(plan(tmp_path, HOSTILE, url))
+    data = deploy.user_data(plan(tmp_path, HOSTILE, url), api_key=API_KEY)
     user_data = tmp_path / "user-data"
     user_data.write_text(data)
     recorder = tmp_path / "recorder"
@@ -124,5 +133,7 @@ def test_cloud_inits_runcmd_hands_the_bootstrap_exactly_its_arguments(
     assert done.returncode == 0, done.stderr
     assert json.loads(received.read_text()) == ["--wheelhouse", url, "--sha256", DIGEST]
     assert not Path("/tmp/pwned").exists()
-    config = json.loads(loaded.stdout)["config"]
-    assert 'onboard_hardware = "testbed"' in config.splitlines()
+    written = json.loads(loaded.stdout)
+    assert 'onboard_hardware = "testbed"' in written["config"].splitlines()
+    assert written["key"] == API_KEY + "\n" and written["key_mode"] == "0600"
+    assert 'CONFINFER_CADDY_TLS="ops@example.com"' in written["env"].splitlines()

@@ -93,9 +93,15 @@ def machine_factory(
         *,
         binds: Iterable[Bind] = (),
         files: Mapping[str, str | bytes | None] | None = None,
+        settle: bool = True,
     ) -> Machine:
         machine = Machine.boot(
-            name, rootfs, tmp_path=tmp_path_factory.mktemp(name), binds=binds, files=files
+            name,
+            rootfs,
+            tmp_path=tmp_path_factory.mktemp(name),
+            binds=binds,
+            files=files,
+            settle=settle,
         )
         booted.append(machine)
         _TIMES.append(

@@ -192,3 +192,34 @@ def test_main_outputs_the_fqdn_the_key_id_and_the_identity() -> None:
         "scaleSet",
         "roles",
     }
+
+
+def decorators(name: str, parameter: str) -> dict[str, Any]:
+    found = parsed(name)["parameters"][parameter].get("decorators", [])
+    return {d["type"]: d.get("argument") for d in found}
+
+
+def test_the_parameters_deploy_passes_are_declared_and_the_dns_label_fits(tmp_path: Path) -> None:
+    """`confinfer deploy` names only main.bicep's parameters, the user data and the SSH key go
+    to @secure() ones, and the DNS label it computes fits dnsLabel's bounds."""
+    from confinfer import deploy
+
+    key = tmp_path / "id.pub"
+    key.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI x@y\n")
+    path = tmp_path / "deploy.toml"
+    path.write_text(
+        '[azure]\nresource_group = "confinfer"\nlocation = "eastus2"\n'
+        'name_prefix = "a-sixteen-chars1"\nvault_name = "cinf-kv-0001"\n'
+        f'ssh_public_key = "{key}"\nmaa_authority = "https://sharedeus2.eus2.attest.azure.net"\n'
+        '[appliance]\nmodel_source = "/srv/model"\n[caddy]\ntls = "internal"\n'
+    )
+    plan = deploy.load_plan(path)
+    document = deploy.parameters(plan, "#cloud-config\n")
+    declared = parsed("main.bicep")["parameters"]
+    assert set(document["parameters"]) <= set(declared)
+    for name in deploy.SECURE_PARAMETERS:
+        assert "secure" in decorators("main.bicep", name)
+    label = document["parameters"]["dnsLabel"]["value"]
+    bounds = decorators("main.bicep", "dnsLabel")
+    assert bounds["min_length"] <= len(label) <= bounds["max_length"] == 63
+    assert plan.caddy.domain == f"{label}.eastus2.cloudapp.azure.com"

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from confinfer import config, configvalues
-from confinfer.errors import ConfigError
+from confinfer.errors import ConfigError, UsageError
 
 pytestmark = pytest.mark.unit
 
@@ -155,13 +155,12 @@ def test_release_roots_default_to_the_tls_bundle(tmp_path: Path) -> None:
     assert cfg.release_roots == tls
     cfg = config.override(cfg, keyvault_release_ca_bundle=release)
     assert cfg.release_roots == release
-    with pytest.raises(ConfigError, match=r"key 'keyvault_release_ca_bundle' = '/no/such\.pem'"):
+    with pytest.raises(UsageError, match=r"key 'keyvault_release_ca_bundle' = '/no/such\.pem'"):
         config.override(cfg, keyvault_release_ca_bundle=Path("/no/such.pem"))
 
 
 def test_existence_is_checked_on_the_final_value_only(tmp_path: Path) -> None:
     """A file's missing CA bundle may be cancelled for one run by an empty variable."""
-    (tmp_path / "a.toml").write_text('ca_bundle = "/nonexistent/ca.pem"\n', encoding="utf-8")
     cfg = config.load(tmp_path, environ={"CONFINFER_CA_BUNDLE": ""})
     assert cfg.ca_bundle is None and cfg.sources["ca_bundle"] == "$CONFINFER_CA_BUNDLE"
 
@@ -186,7 +185,7 @@ def test_non_finite_numbers_in_the_environment_are_refused(tmp_path: Path, text:
 
 def test_non_finite_numbers_from_a_flag_are_refused(tmp_path: Path) -> None:
     cfg = config.load(tmp_path, environ={})
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UsageError) as info:
         config.override(cfg, http_timeout_s=math.inf)
     assert info.value.message == f"--http-timeout-s: key 'http_timeout_s' = inf: {SECONDS}"
 
@@ -442,12 +441,12 @@ def test_oversized_files_are_not_read(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_flags_are_parsed_like_everything_else(tmp_path: Path) -> None:
     cfg = config.load(tmp_path, environ={})
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UsageError) as info:
         config.override(cfg, max_retries=True)
     assert info.value.message == (
         "--max-retries: key 'max_retries' = True: expected an integer, not a boolean"
     )
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UsageError) as info:
         config.override(cfg, max_retries=10**5000)
     assert info.value.message == (
         "--max-retries: key 'max_retries' = <16610-bit integer>: must be at most 100"
@@ -667,8 +666,10 @@ def outcome(call: Any, origin: str) -> Outcome:
     """("ok", value) or ("refused", message without its origin, the reason alone)."""
     try:
         return ("ok", call())
-    except ConfigError as exc:
-        assert exc.reason == "config-invalid"
+    except (ConfigError, UsageError) as exc:
+        # A flag is a usage error (64); a file or variable a configuration error (78).
+        flag = origin.startswith("--")
+        assert exc.reason in (("usage", "key-id-invalid") if flag else ("config-invalid",))
         assert exc.message.startswith(f"{origin}: key "), exc.message
         assert exc.message.endswith(f": {exc.details['why']}")
         return ("refused", exc.message.removeprefix(f"{origin}: "), exc.details["why"])
@@ -805,3 +806,24 @@ def test_native_values_and_their_text_give_the_same_verdict(
     if isinstance(value, list) and not value and file[0] == "refused":
         return  # an empty array is a list; empty text is "unset" (None) for optional keys
     assert why(file) == why(env)
+
+
+def test_a_bad_flag_value_is_a_usage_error_with_the_same_message(tmp_path: Path) -> None:
+    """`confinfer seal --key-id KeyEncryptionKey`: the command line is wrong (64), not the
+    configuration (78); --key-id has its own reason."""
+    cfg = config.load(tmp_path, environ={})
+    with pytest.raises(UsageError) as info:
+        config.override(cfg, key_id="KeyEncryptionKey")
+    assert info.value.reason == "key-id-invalid" and info.value.exit_code == 64
+    assert info.value.message == (
+        "--key-id: key 'key_id' = 'KeyEncryptionKey': "
+        "expected a key id https://<vault>/keys/<name>[/<version>]"
+    )
+    with pytest.raises(UsageError) as info:
+        config.override(cfg, maa_url="sharedeus2.eus2.attest.azure.net")
+    assert info.value.reason == "usage" and info.value.exit_code == 64
+    assert info.value.message.startswith("--maa-url: key 'maa_url' = ")
+    # A value from a file stays a configuration error, even when a flag is also given.
+    with pytest.raises(ConfigError) as err:
+        config.override(config.Config(ca_bundle=Path("/nonexistent/ca.pem")), max_retries=2)
+    assert err.value.reason == "config-invalid"
