@@ -48,12 +48,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,7 @@ __all__ = [
 ]
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "bicep-wrapper" / "main.bicep"
+SERVING_PIN = Path(__file__).resolve().parent.parent / "images" / "serving.toml"
 CUSTOM_DATA_LIMIT = 65_535  # bytes before base64 (Azure's customData limit)
 AZ_TIMEOUT_S = 3600.0  # a deployment of a GPU VM takes minutes
 PARAMETERS_SCHEMA = (
@@ -100,12 +103,33 @@ SECURE_PARAMETERS = ("sshPublicKey", "userData")  # @secure() in main.bicep
 # --- the user data ---------------------------------------------------------------------------
 
 
+def pinned_serving_image() -> str:
+    """images/serving.toml's ``[vllm] reference``: the production image, pinned by digest."""
+    try:
+        doc = tomllib.loads(SERVING_PIN.read_text(encoding="utf-8"))
+        reference = doc["vllm"]["reference"]
+    except (OSError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise ConfinferError(
+            f"{SERVING_PIN}: no [vllm] reference ({printable(exc, 200)})",
+            reason=Reason.CONFIG_INVALID,
+        ) from None
+    if not isinstance(reference, str) or not re.search(r"@sha256:[0-9a-f]{64}$", reference):
+        raise ConfinferError(
+            f"{SERVING_PIN}: [vllm] reference is not pinned by digest",
+            reason=Reason.CONFIG_INVALID,
+        )
+    return reference
+
+
 def appliance_config(plan: Plan) -> str:
     """``/etc/confinfer/confinfer.toml`` for the VM: the attestation authority and the KEK
     from [azure], then every [appliance] key (each checked by :func:`load_plan`)."""
     values: dict[str, Any] = {
         "maa_url": plan.get("maa_authority", DEFAULT_MAA),
         "key_id": plan.key_id,
+        # vLLM's image by digest unless [appliance] names another: onboarding pulls only a
+        # reference pinned that way.
+        "serving_image": pinned_serving_image(),
         **plan.appliance,
     }
     try:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -179,15 +180,45 @@ class TestbedMachine:
 
 
 TARGET = "confinfer.target"
+DIGEST_PINNED = re.compile(r"@sha256:[0-9a-f]{64}$")
+IMAGE_PULL_TIMEOUT_S = 3600.0  # vLLM's image is ~10 GB
 
 
 class Appliance:
-    """The last stage, the same on every machine: ``confinfer.target`` enabled (multi-user
-    wants it from now on) and started without waiting (its jobs wait for onboarding's
-    READY=1, since the onboarding unit is ordered before it)."""
+    """The last stage, the same on every machine: the serving image on the machine, then
+    ``confinfer.target`` enabled (multi-user wants it from now on) and started without waiting
+    (its jobs wait for onboarding's READY=1, since the onboarding unit is ordered before it).
 
-    def __init__(self, run: Runner) -> None:
+    The image (``serving_image``): there already (loaded by whoever built the machine), or
+    pulled once, and only when the reference pins a digest (``...@sha256:<hex>``, as
+    images/serving.toml does): dockerd then refuses content that does not match it, so what
+    is pulled is what was pinned. A reference without a digest is never pulled: vLLM itself is
+    never allowed to pull either (serving/), so the image could only come from a tag's
+    current owner."""
+
+    def __init__(self, run: Runner, image: str | None = None) -> None:
         self.run = run
+        self.image = image
+
+    def ensure_image(self) -> None:
+        image = self.image
+        if image is None:
+            return
+        # The engine's dockerd (vllm.service requires it anyway): the image is looked up there.
+        checked(self.run, ["systemctl", "start", "docker.service"], timeout=300.0)
+        have = self.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture=True)
+        if have.returncode == 0:
+            log.info("serving image %s is on this machine (%s)", image, have.stdout.strip()[:19])
+            return
+        if not DIGEST_PINNED.search(image):
+            raise ConfinferError(
+                f"the serving image {printable(image, 200)} is not on this machine, and a "
+                "reference without a digest is never pulled",
+                reason=Reason.SERVING_IMAGE_MISSING,
+                hint="pin serving_image by digest (images/serving.toml), or docker load it",
+            )
+        log.info("pulling the serving image %s (pinned by digest)", image)
+        checked(self.run, ["docker", "pull", "--quiet", image], timeout=IMAGE_PULL_TIMEOUT_S)
 
     def check(self, stage: Stage) -> Check:
         done = self.run(["systemctl", "is-enabled", TARGET], capture=True, timeout=60.0)
@@ -197,6 +228,7 @@ class Appliance:
         return Effect.ABSENT, f"{TARGET} is {printable(said or 'not known', 40)}"
 
     def apply(self, stage: Stage) -> None:
+        self.ensure_image()
         checked(self.run, ["systemctl", "enable", "--now", "--no-block", TARGET], timeout=120.0)
 
     def before_reboot(self) -> None:  # pragma: no cover - the appliance stage never reboots

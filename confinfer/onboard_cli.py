@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     Onboarding(
         store=store,
         machine=machine,
-        appliance=Appliance(subprocess_runner),
+        appliance=Appliance(subprocess_runner, cfg.serving_image),
         hardware=cfg.onboard_hardware,
         boot_id=lambda: read_boot_id(boot_id_file),
         reboot=reboot,

@@ -48,6 +48,17 @@ elif args == ["reboot"]:
 """
 
 
+# dockerd's answer for the serving image: present (the image a machine builder loaded).
+FAKE_DOCKER = r"""
+import sys
+image = ["confinfer/vllm-openai:serving"]
+if sys.argv[1:4] == ["image", "inspect", "--format"] and sys.argv[5:] == image:
+    print("sha256:" + "0" * 64)
+    sys.exit(0)
+sys.exit(f"fake docker: unexpected {sys.argv[1:]}")
+"""
+
+
 class Bed:
     def __init__(self, tmp: Path, short: Path) -> None:
         self.state_dir = tmp / "state"
@@ -59,6 +70,9 @@ class Bed:
         systemctl = bin_dir / "systemctl"
         systemctl.write_text(f"#!{sys.executable}\n{FAKE_SYSTEMCTL}")
         systemctl.chmod(0o755)
+        docker = bin_dir / "docker"
+        docker.write_text(f"#!{sys.executable}\n{FAKE_DOCKER}")
+        docker.chmod(0o755)
         self.systemctl_log = tmp / "systemctl.log"
         self.notify_path = short / "notify"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -150,6 +164,7 @@ def test_three_boots_from_a_stock_machine_to_the_appliance(bed: Bed, term: str) 
         ["reboot"],
         ["reboot"],
         ["is-enabled", "confinfer.target"],  # the check: not yet
+        ["start", "docker.service"],  # the serving image is looked up in dockerd
         ["enable", "--now", "--no-block", "confinfer.target"],
         ["is-enabled", "confinfer.target"],  # the check: in effect
     ]

@@ -293,8 +293,7 @@ def test_the_user_data_boots_hands_off_to_serving(
     assert applied == [s for s in STAGES if s not in ("cc-mode", "appliance")], log
     boots = {e["boot_id"] for e in log}
     assert len(boots) == 1 + len(REBOOT_STAGES), log
-    # STATUS= as sampled once a second: the reboots' lines, then the end
-    assert any(s.endswith(": installed, rebooting") for s in statuses), statuses
+    # STATUS= as it stays once onboarding is through (sampled: earlier lines may be missed)
     assert statuses[-1].startswith("onboarding done: 6/6 stages"), statuses
     onboard_status = ["/opt/confinfer/bin/confinfer", "onboard", "status", "--format", "json"]
     state = json.loads(machine.run(onboard_status).stdout)

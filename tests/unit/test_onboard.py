@@ -7,14 +7,15 @@ stages, bounded retries and the status lines."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from confinfer.errors import ConfinferError, Reason
-from confinfer.onboard import Outcome
-from confinfer.onboard_state import MAX_ATTEMPTS, STAGES, State, StateFile, Status
+from confinfer.onboard import Appliance, Outcome
+from confinfer.onboard_commands import Completed
+from confinfer.onboard_state import MAX_ATTEMPTS, STAGES, Stage, State, StateFile, Status
 from tests.onboard_rig import NOW, Crash, CrashingMachine, CrashingStore, Rig
 
 pytestmark = pytest.mark.unit
@@ -378,3 +379,63 @@ def test_stages_a_newer_version_adds_are_pending(tmp_path: Path) -> None:
     assert state is not None
     assert statuses(state)["kernel"] == "done"
     assert statuses(state)["appliance"] == "pending"
+
+
+# --- the appliance stage's serving image ------------------------------------------------------
+
+PINNED = "docker.io/vllm/vllm-openai:v0.30.0@sha256:" + "8a" * 32
+
+
+class DockerRecorder:
+    """``docker image inspect`` answers from ``present``; ``docker pull`` adds to it;
+    ``systemctl`` is recorded."""
+
+    def __init__(self, present: set[str]) -> None:
+        self.present = present
+        self.calls: list[list[str]] = []
+
+    def __call__(self, argv: Sequence[str], **kwargs: object) -> Completed:
+        argv = list(argv)
+        self.calls.append(argv)
+        if argv[:3] == ["docker", "image", "inspect"]:
+            found = argv[-1] in self.present
+            return Completed(0 if found else 1, "sha256:abc\n" if found else "", "")
+        if argv[:3] == ["docker", "pull", "--quiet"]:
+            self.present.add(argv[-1])
+            return Completed(0, argv[-1] + "\n", "")
+        if argv[0] == "systemctl":
+            return Completed(0, "", "")
+        raise AssertionError(f"unexpected command: {argv}")
+
+
+def _stage() -> Stage:
+    return next(s for s in STAGES if s.name == "appliance")
+
+
+def test_an_image_already_loaded_is_not_pulled() -> None:
+    run = DockerRecorder({"confinfer-vllm-cpu:1"})
+    Appliance(run, "confinfer-vllm-cpu:1").apply(_stage())
+    assert [c[:2] for c in run.calls] == [
+        ["systemctl", "start"],  # dockerd first: the image is looked up there
+        ["docker", "image"],
+        ["systemctl", "enable"],
+    ]
+
+
+def test_a_digest_pinned_image_is_pulled_once_before_the_target_starts() -> None:
+    run = DockerRecorder(set())
+    Appliance(run, PINNED).apply(_stage())
+    assert run.calls[2] == ["docker", "pull", "--quiet", PINNED]
+    assert run.calls[3][:2] == ["systemctl", "enable"]
+
+
+@pytest.mark.parametrize(
+    "image", ["vllm/vllm-openai:latest", "vllm/vllm-openai@sha256:abc", PINNED + "0"]
+)
+def test_an_absent_image_without_a_full_digest_is_never_pulled(image: str) -> None:
+    run = DockerRecorder(set())
+    with pytest.raises(ConfinferError) as err:
+        Appliance(run, image).apply(_stage())
+    assert err.value.reason is Reason.SERVING_IMAGE_MISSING
+    assert "never pulled" in err.value.message
+    assert not any(c[:2] in (["docker", "pull"], ["systemctl", "enable"]) for c in run.calls)

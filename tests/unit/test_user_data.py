@@ -549,3 +549,14 @@ def test_ssh_on_a_scale_set_is_refused(tmp_path: Path) -> None:
         deploy.load_plan(plan_file(tmp_path, azure=azure))
     one = deploy.load_plan(plan_file(tmp_path, azure={"ssh_source_range": "203.0.113.7/32"}))
     assert one.get("ssh_source_range") == "203.0.113.7/32"
+
+
+def test_the_serving_image_defaults_to_vllms_digest_pin(tmp_path: Path) -> None:
+    pin = tomllib.loads((deploy.SERVING_PIN).read_text())["vllm"]
+    _, doc = render(plan_file(tmp_path, {}, bootstrap()))
+    config = tomllib.loads(files(doc)["/etc/confinfer/confinfer.toml"]["content"])
+    assert config["serving_image"] == pin["reference"]
+    assert config["serving_image"].endswith("@" + pin["digest"])  # what onboarding may pull
+    _, doc = render(plan_file(tmp_path, {"serving_image": "local/vllm:1"}, bootstrap()))
+    config = tomllib.loads(files(doc)["/etc/confinfer/confinfer.toml"]["content"])
+    assert config["serving_image"] == "local/vllm:1"  # the operator's choice wins
