@@ -420,6 +420,10 @@ def _record(status: Status, observation: Observation, now: float, policy: Policy
             return _with_fault(status, fault)
         case AkCertRenewalFailed(cause, detail, cert_expiry):
             line = f"AK certificate renewal failed ({cause}): {_detail(detail)}"
+            # A failure may bring the known expiry forward, never push it back: only a
+            # renewal does that, so a failed one cannot lift an expiry's revocation.
+            if status.ak_cert_expiry is not None:
+                cert_expiry = min(cert_expiry, status.ak_cert_expiry)
             status = dataclasses.replace(status, ak_cert_expiry=cert_expiry)
             fault = Fault(Source.AK_CERT, Reason.AK_CERT_RENEWAL_FAILED, line, now, cert_expiry)
             return _with_fault(status, fault)

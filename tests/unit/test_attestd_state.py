@@ -538,3 +538,20 @@ def test_a_tick_never_makes_anything_better(
     assert after.state is status.state or after.state is State.REVOKED
     if after.state is State.REVOKED and status.state is not State.REVOKED:
         assert after.reason in (Reason.GRACE_EXPIRED, Reason.AK_CERT_EXPIRED)
+
+
+def test_a_failed_renewal_never_lifts_an_expired_certificates_revocation() -> None:
+    # Found by test_invariants: the AK certificate expired (revoked), both checks passed,
+    # then a failed renewal reported a later expiry. Only a renewal may push it back.
+    walk = _walk(
+        Policy(20.0, 20.0, 1.0),
+        [
+            (0.0, AkCertRenewalFailed(Reason.USAGE, "", 0.0)),
+            (0.0, GpuEvidencePassed(detail="1 GPU, nonce matches")),
+            (0.0, VtpmPassed(token_expiry=10000.0, detail="sevsnpvm, compliant")),
+            (0.0, AkCertRenewalFailed(Reason.USAGE, "", 1.0)),
+        ],
+    )
+    after = walk[-1][1].after
+    assert (after.state, after.reason) == (State.REVOKED, Reason.AK_CERT_EXPIRED)
+    assert after.ak_cert_expiry == 0.0
